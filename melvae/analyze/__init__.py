@@ -1,0 +1,1 @@
+"""Downstream analysis of a registered model: transfer, latent interpretation, enrichment."""

@@ -1,0 +1,1 @@
+"""Reading, fetching and validating single-cell datasets."""

@@ -1,0 +1,1 @@
+"""The Optuna study runner: `python -m melvae.study run`."""
