@@ -1,0 +1,228 @@
+"""Latent-space and reconstruction metrics: one pure function per metric, arrays in, float out.
+
+In the style of scib-metrics. Cells whose label is missing (NaN / None / pd.NA) are left out of
+every label metric, so partly annotated data can still be scored on the cells that are annotated.
+A metric that is undefined for its input (e.g. fewer than two classes) raises
+`MetricUndefinedError` rather than returning a misleading number; `melvae.evaluate` catches it and
+omits that metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from scipy import sparse
+from sklearn.cluster import KMeans
+from sklearn.metrics import (
+    adjusted_rand_score,
+    davies_bouldin_score,
+    f1_score,
+    normalized_mutual_info_score,
+    silhouette_score,
+)
+from sklearn.neighbors import KNeighborsClassifier
+
+from melvae.errors import InputError
+
+
+class MetricUndefinedError(InputError):
+    """The metric has no meaningful value for this input (e.g. only one class is labelled)."""
+
+
+def clean_labels(labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels as strings, mask of cells that have a label); NaN/None/pd.NA are missing.
+
+    Strings make labels from different sources comparable (train vs validation, categorical vs
+    object columns).
+    """
+    values = np.asarray(labels, dtype=object)
+    if values.ndim != 1:
+        raise InputError(
+            f"labels must be one-dimensional, got shape {values.shape}",
+            where="labels",
+            fix="pass one label per cell, e.g. adata.obs['cell_type']",
+        )
+    present = ~pd.isna(values)
+    return values.astype(str), present
+
+
+def _require_finite(x: np.ndarray, *, what: str, where: str) -> None:
+    if not np.isfinite(x).all():
+        raise InputError(
+            f"{what} contains NaN or infinite values",
+            where=where,
+            fix="NaN outputs mean the model diverged: retrain with a lower learning rate",
+        )
+
+
+def _labelled(latent: ArrayLike, labels: ArrayLike, *, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """Latent rows and string labels of the cells that have a label, after shape/finite checks."""
+    x = np.asarray(latent, dtype=np.float64)
+    names, present = clean_labels(labels)
+    if x.ndim != 2 or x.shape[0] != names.shape[0]:
+        raise InputError(
+            f"{role} latent has shape {x.shape} but {names.shape[0]} labels were given",
+            where=role,
+            fix="pass a cells × dimensions latent matrix and one label per cell, in the same order",
+        )
+    _require_finite(x, what=f"{role} latent", where=role)
+    return x[present], names[present]
+
+
+def _require_classes(labels: np.ndarray, *, role: str) -> None:
+    """Raise MetricUndefinedError unless at least two distinct labels are present."""
+    classes = np.unique(labels)
+    if classes.size < 2:
+        found = f"only {classes[0]!r}" if classes.size else "no labelled cells"
+        raise MetricUndefinedError(
+            f"{role} labels have {classes.size} distinct class(es) ({found}); 2 or more are needed",
+            where=role,
+            fix="use a label column with several cell types, or skip label metrics",
+        )
+
+
+def _clustered(latent: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled cells for a cluster-quality metric, which needs at least two classes."""
+    x, y = _labelled(latent, labels, role="latent")
+    _require_classes(y, role="latent")
+    return x, y
+
+
+def silhouette(latent: ArrayLike, labels: ArrayLike) -> float:
+    """Raw silhouette width in [-1, 1] of the labels in the latent space (euclidean); higher is
+    better separated."""
+    x, y = _clustered(latent, labels)
+    if np.unique(y).size >= y.size:
+        raise MetricUndefinedError(
+            f"every one of the {y.size} labelled cells has its own label",
+            where="silhouette",
+            fix="silhouette needs at least one class with two or more cells",
+        )
+    return float(silhouette_score(x, y, metric="euclidean"))
+
+
+def davies_bouldin(latent: ArrayLike, labels: ArrayLike) -> float:
+    """Davies-Bouldin index of the labels in the latent space (≥ 0); lower is better separated."""
+    x, y = _clustered(latent, labels)
+    return float(davies_bouldin_score(x, y))
+
+
+def _knn_predict(
+    train_latent: ArrayLike,
+    train_labels: ArrayLike,
+    test_latent: ArrayLike,
+    test_labels: ArrayLike,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) test labels from a k-NN classifier fitted on the training latent."""
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}", where="k-NN", fix="pass k >= 1")
+    x_train, y_train = _labelled(train_latent, train_labels, role="training")
+    x_test, y_test = _labelled(test_latent, test_labels, role="test")
+    _require_classes(y_train, role="training")
+    if y_test.size == 0:
+        raise MetricUndefinedError(
+            "no test cell has a label",
+            where="test",
+            fix="pass labelled test cells, or skip label metrics",
+        )
+    if x_train.shape[1] != x_test.shape[1]:
+        raise InputError(
+            f"training latent has {x_train.shape[1]} dimensions, test latent {x_test.shape[1]}",
+            where="k-NN",
+            fix="encode both sets with the same model",
+        )
+    knn = KNeighborsClassifier(n_neighbors=min(k, y_train.size)).fit(x_train, y_train)
+    return y_test, knn.predict(x_test)
+
+
+def knn_accuracy(
+    train_latent: ArrayLike,
+    train_labels: ArrayLike,
+    test_latent: ArrayLike,
+    test_labels: ArrayLike,
+    *,
+    k: int = 15,
+) -> float:
+    """Accuracy of a k-NN classifier fitted on the training latent, scored on the test latent.
+
+    k is capped at the number of labelled training cells. Test cells of a class absent from
+    training count as errors.
+    """
+    y_true, y_pred = _knn_predict(train_latent, train_labels, test_latent, test_labels, k)
+    return float(np.mean(y_true == y_pred))
+
+
+def knn_macro_f1(
+    train_latent: ArrayLike,
+    train_labels: ArrayLike,
+    test_latent: ArrayLike,
+    test_labels: ArrayLike,
+    *,
+    k: int = 15,
+) -> float:
+    """Macro-averaged F1 of the k-NN classifier of `knn_accuracy`, so rare cell types weigh as
+    much as common ones.
+
+    Averaged over the classes present in the test labels; a class never predicted scores 0.
+    """
+    y_true, y_pred = _knn_predict(train_latent, train_labels, test_latent, test_labels, k)
+    return float(
+        f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)
+    )
+
+
+def _kmeans_clusters(
+    latent: ArrayLike, labels: ArrayLike, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, k-means cluster ids) with k = number of distinct labels."""
+    x, y = _clustered(latent, labels)
+    kmeans = KMeans(n_clusters=np.unique(y).size, n_init=10, random_state=seed)
+    return y, kmeans.fit_predict(x)
+
+
+def kmeans_ari(latent: ArrayLike, labels: ArrayLike, *, seed: int = 0) -> float:
+    """Adjusted Rand index between k-means clusters (k = number of labels) and the labels; ~0 for
+    unrelated, 1 for identical partitions."""
+    y, clusters = _kmeans_clusters(latent, labels, seed)
+    return float(adjusted_rand_score(y, clusters))
+
+
+def kmeans_nmi(latent: ArrayLike, labels: ArrayLike, *, seed: int = 0) -> float:
+    """Normalised mutual information (arithmetic mean) between k-means clusters (k = number of
+    labels) and the labels, in [0, 1]."""
+    y, clusters = _kmeans_clusters(latent, labels, seed)
+    return float(normalized_mutual_info_score(y, clusters))
+
+
+def _dense(x: ArrayLike | sparse.spmatrix | sparse.sparray) -> np.ndarray:
+    return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+
+
+def recon_corr(x: ArrayLike, x_hat: ArrayLike) -> float:
+    """Mean per-cell Pearson correlation between input and reconstruction (the original study's
+    reconstruction metric); insensitive to per-cell scale and offset.
+
+    Cells whose input or reconstruction is constant have no correlation and are skipped.
+    """
+    a, b = _dense(x), _dense(x_hat)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise InputError(
+            f"input has shape {a.shape} but reconstruction has shape {b.shape}",
+            where="recon_corr",
+            fix="pass cells × genes matrices of the same shape, in the same gene order",
+        )
+    _require_finite(a, what="input", where="recon_corr")
+    _require_finite(b, what="reconstruction", where="recon_corr")
+    varying = (np.ptp(a, axis=1) > 0) & (np.ptp(b, axis=1) > 0)
+    if not varying.any():
+        raise MetricUndefinedError(
+            "every cell has a constant input or reconstruction",
+            where="recon_corr",
+            fix="check that the input is not empty and the model is trained",
+        )
+    a = a[varying] - a[varying].mean(axis=1, keepdims=True)
+    b = b[varying] - b[varying].mean(axis=1, keepdims=True)
+    r = (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    return float(r.mean())
