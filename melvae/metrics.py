@@ -74,7 +74,7 @@ def _require_classes(labels: np.ndarray, *, role: str) -> None:
     """Raise MetricUndefinedError unless at least two distinct labels are present."""
     classes = np.unique(labels)
     if classes.size < 2:
-        found = f"only {classes[0]!r}" if classes.size else "no labelled cells"
+        found = f"only {str(classes[0])!r}" if classes.size else "no labelled cells"
         raise MetricUndefinedError(
             f"{role} labels have {classes.size} distinct class(es) ({found}); 2 or more are needed",
             where=role,
@@ -84,8 +84,8 @@ def _require_classes(labels: np.ndarray, *, role: str) -> None:
 
 def _clustered(latent: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Labelled cells for a cluster-quality metric, which needs at least two classes."""
-    x, y = _labelled(latent, labels, role="latent")
-    _require_classes(y, role="latent")
+    x, y = _labelled(latent, labels, role="cell")
+    _require_classes(y, role="cell")
     return x, y
 
 

@@ -1,0 +1,59 @@
+"""Final scores of a trained model: latent-space label metrics plus reconstruction quality."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from numpy.typing import ArrayLike
+
+from melvae import metrics
+from melvae.metrics import MetricUndefinedError
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_latent(
+    *,
+    train_latent: ArrayLike,
+    train_labels: ArrayLike | None,
+    val_latent: ArrayLike,
+    val_labels: ArrayLike | None,
+    val_x: ArrayLike,
+    val_x_hat: ArrayLike,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Score a model on the validation cells; the k-NN classifier is fitted on the training cells.
+
+    Returns `silhouette, davies_bouldin, knn_accuracy, knn_macro_f1, ari, nmi, recon_corr`.
+    Cells with a missing label are left out of the label metrics. A label metric is omitted (with
+    a logged warning) when its labels are None or it is undefined, e.g. fewer than two classes,
+    so unlabelled data still gets `recon_corr`.
+    """
+    label_metrics: dict[str, Callable[[], float]] = {}
+    if val_labels is None:
+        logger.warning("No validation labels: label metrics are skipped")
+    else:
+        label_metrics["silhouette"] = lambda: metrics.silhouette(val_latent, val_labels)
+        label_metrics["davies_bouldin"] = lambda: metrics.davies_bouldin(val_latent, val_labels)
+        if train_labels is None:
+            logger.warning("No training labels: k-NN metrics are skipped")
+        else:
+            knn_args = (train_latent, train_labels, val_latent, val_labels)
+            label_metrics["knn_accuracy"] = lambda: metrics.knn_accuracy(*knn_args)
+            label_metrics["knn_macro_f1"] = lambda: metrics.knn_macro_f1(*knn_args)
+        label_metrics["ari"] = lambda: metrics.kmeans_ari(val_latent, val_labels, seed=seed)
+        label_metrics["nmi"] = lambda: metrics.kmeans_nmi(val_latent, val_labels, seed=seed)
+
+    results: dict[str, float] = {}
+    skipped: dict[str, list[str]] = {}  # reason -> metric names, so each reason is logged once
+    for name, compute in label_metrics.items():
+        try:
+            results[name] = compute()
+        except MetricUndefinedError as err:
+            skipped.setdefault(err.what, []).append(name)
+    for reason, names in skipped.items():
+        logger.warning("Skipped %s: %s", ", ".join(names), reason)
+
+    results["recon_corr"] = metrics.recon_corr(val_x, val_x_hat)
+    return results
