@@ -1,0 +1,177 @@
+"""Command line: `python -m melvae.study {run,create,best,promote,ui}`. Thin: parses and prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+
+from melvae import track
+from melvae.errors import InputError
+from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
+from melvae.study.runner import (
+    DEFAULT_STORAGE,
+    best_complete_trial,
+    create_study,
+    prepare_data,
+    promote_best,
+    run_study,
+    trials_table,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"melvae: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("melvae: interrupted; finished trials are kept and `run` resumes", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m melvae.study", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study TOML file")
+        sub.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+        sub.add_argument("--tracking-uri", help="MLflow tracking URI (default mlruns/mlflow.db)")
+        return sub
+
+    run = command("run", _run, "run or resume a study, then register its best model")
+    run.add_argument("--n-trials", type=int, help="trials to run now (default: the study's)")
+    run.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
+    run.add_argument("--epochs", type=int, help="cap every trial's epochs (quick runs)")
+    run.add_argument("--data", type=Path, help="train on this .h5ad/.csv instead")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    create = command("create", _create, "create the study once, before parallel workers start")
+    create.add_argument("--data", type=Path, help="the .h5ad/.csv the workers will use")
+    for name, handler, text in (
+        ("best", _best, "print the best trial and its MLflow run"),
+        ("promote", _promote, "register the best trial; champion only if it beats the holder"),
+    ):
+        sub = command(name, handler, text)
+        sub.add_argument("--dataset", help="dataset key (default: the study's dataset/fallback)")
+    ui = command("ui", _ui, "start the MLflow UI on 127.0.0.1 and print the study's page")
+    ui.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    ui.add_argument("--dataset", help="dataset key (default: the study's dataset/fallback)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_study_config(args.study)
+    outcome = run_study(
+        config,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        epochs_cap=args.epochs,
+        data_path=args.data,
+        progress=not args.quiet,
+    )
+    print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
+    print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"this run took {outcome.seconds:.0f} s (MLflow parent run {outcome.parent_run_id})")
+    reg = outcome.registration
+    if reg is None:
+        print("no completed trial: nothing registered")
+        return 1
+    verdict = "is now @champion" if reg.promoted else "did not beat the @champion"
+    print(f"registered {reg.name} version {reg.version}: {verdict}")
+    print(f"load it: melvae.load_model('models:/{reg.name}@champion')")
+    print("browse it: python -m melvae.study ui")
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    config = load_study_config(args.study)
+    data = prepare_data(config, data_path=args.data)
+    study = create_study(config, data.dataset_key, args.storage)
+    print(f"study {study.study_name!r} ready in {args.storage} ({len(study.trials)} trials)")
+    return 0
+
+
+def _find_study(args: argparse.Namespace, config: StudyConfig) -> optuna.Study:
+    keys = [args.dataset] if args.dataset else [k for k in (config.dataset, config.fallback) if k]
+    names = [config.study_name(key) for key in keys]
+    existing = {s.study_name for s in optuna.get_all_study_summaries(args.storage)}
+    for name in names:
+        if name in existing:
+            return optuna.load_study(study_name=name, storage=args.storage)
+    raise InputError(
+        f"no study named {' or '.join(map(repr, names))}",
+        where=args.storage,
+        fix="run `python -m melvae.study run` first, or pass --storage/--dataset",
+    )
+
+
+def _best(args: argparse.Namespace) -> int:
+    config = load_study_config(args.study)
+    study = _find_study(args, config)
+    best = best_complete_trial(study)
+    if best is None:
+        print(f"study {study.study_name!r} has no completed trial yet")
+        return 1
+    print(f"study {study.study_name!r}: best trial {best.number}")
+    print(f"  {config.objective} = {best.value:.6g}")
+    for name, value in best.params.items():
+        print(f"  {name} = {value}")
+    for name, value in sorted(best.user_attrs.items()):
+        if isinstance(value, float):
+            print(f"  {name}: {value:.4g}")
+    print(f"  MLflow run: {best.user_attrs['mlflow_run_id']}")
+    print(f"  model: {best.user_attrs['model_uri']}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    config = load_study_config(args.study)
+    track.use_backend(args.tracking_uri)
+    study = _find_study(args, config)
+    dataset_key = study.study_name.removeprefix(f"{config.name}-")
+    registration = promote_best(study, config, dataset_key)
+    if registration is None:
+        print("no completed trial: nothing registered")
+        return 1
+    state = "promoted to @champion" if registration.promoted else "not better than @champion"
+    print(f"{registration.name} version {registration.version}: {state}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    config = load_study_config(args.study)
+    uri = track.use_backend(args.tracking_uri)
+    study = _find_study(args, config)
+    port = args.port or _free_port()
+    base = f"http://127.0.0.1:{port}"
+    experiment_id = track.ensure_experiment(study.study_name, uri)
+    print(f"MLflow UI for study {study.study_name!r}: {track.experiment_url(base, experiment_id)}")
+    print("Ctrl-C stops it.", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.call(command)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Study definitions: a versioned TOML file in `studies/` parsed into typed, validated settings."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from melvae.errors import InputError
+from melvae.preprocess import PreprocessConfig
+from melvae.train import TrainConfig
+
+DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "studies" / "default.toml"
+LIKELIHOODS = ("bernoulli", "gaussian", "negative_binomial")
+TRIAL_KEYS = ("hidden_dim", "latent_dim", "learning_rate", "epochs", "batch_size", "kl_weight")
+OBJECTIVE_METRICS = {
+    "val_loss": "minimize",
+    "silhouette": "maximize",
+    "knn_accuracy": "maximize",
+    "knn_macro_f1": "maximize",
+    "ari": "maximize",
+    "nmi": "maximize",
+    "recon_corr": "maximize",
+    "davies_bouldin": "minimize",
+}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One dimension of the search space, as Optuna's `suggest_*` takes it."""
+
+    name: str
+    kind: Literal["categorical", "int", "float"]
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    def contains(self, value: Any) -> bool:
+        """Whether an enqueued value lies inside this dimension (Optuna rejects it otherwise)."""
+        if self.kind == "categorical":
+            return value in self.choices
+        return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything one study needs: data, preprocessing, model, training, search and budget."""
+
+    name: str
+    path: Path
+    dataset: str
+    fallback: str | None
+    label_key: str | None
+    preprocess: PreprocessConfig
+    likelihood: str
+    hidden_dim: int
+    latent_dim: int
+    train: TrainConfig
+    search: tuple[SearchParam, ...]
+    seed_trials: tuple[dict[str, Any], ...]
+    sampler: dict[str, Any] = field(default_factory=dict)
+    pruner: dict[str, Any] = field(default_factory=dict)
+    n_trials: int | None = 20
+    timeout: float | None = None
+    objective: str = "val_loss"
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVE_METRICS[self.objective]
+
+    def fixed_params(self) -> dict[str, Any]:
+        """Trial parameters used where the search space does not vary them."""
+        return {
+            "hidden_dim": self.hidden_dim,
+            "latent_dim": self.latent_dim,
+            "learning_rate": self.train.learning_rate,
+            "epochs": self.train.epochs,
+            "batch_size": self.train.batch_size,
+            "kl_weight": self.train.kl_weight,
+        }
+
+    def study_name(self, dataset_key: str) -> str:
+        """Study (and MLflow experiment) name: carries the dataset so results never mix."""
+        return f"{self.name}-{dataset_key}"
+
+
+def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
+    """Read and validate a study TOML file; every mistake is an InputError naming the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(
+            "study file not found",
+            where=str(path),
+            fix="pass --study with a path to a TOML file (see studies/default.toml)",
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(
+            f"study file is not valid TOML: {exc}", where=str(path), fix="fix the TOML syntax"
+        ) from None
+    reader = _Section(raw, str(path))
+    data = reader.section("data")
+    model = reader.section("model")
+    budget = reader.section("budget")
+    objective = reader.section("objective")
+    config = StudyConfig(
+        name=reader.get("name", str),
+        path=path,
+        dataset=data.get("dataset", str),
+        fallback=data.get("fallback", str, None),
+        label_key=data.get("label_key", str, None),
+        preprocess=_dataclass_from(PreprocessConfig, reader.section("preprocess")),
+        likelihood=model.get("likelihood", str, "bernoulli"),
+        hidden_dim=model.get("hidden_dim", int, 128),
+        latent_dim=model.get("latent_dim", int, 10),
+        train=_dataclass_from(TrainConfig, reader.section("train")),
+        search=tuple(_search_param(name, spec, reader) for name, spec in reader.table("search")),
+        seed_trials=tuple(reader.list_of_tables("seed_trials")),
+        sampler=dict(reader.section("sampler").values),
+        pruner=dict(reader.section("pruner").values),
+        n_trials=budget.get("n_trials", int, 20),
+        timeout=budget.get("timeout", (int, float), None),
+        objective=objective.get("metric", str, "val_loss"),
+    )
+    for section in (data, model, budget, objective):
+        section.reject_unknown()
+    reader.reject_unknown()
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: StudyConfig) -> None:
+    where = str(config.path)
+    if config.likelihood not in LIKELIHOODS:
+        raise InputError(
+            f"unknown likelihood {config.likelihood!r}",
+            where=f"{where} [model] likelihood",
+            fix=f"use one of {', '.join(LIKELIHOODS)}",
+        )
+    if config.objective not in OBJECTIVE_METRICS:
+        raise InputError(
+            f"unknown objective metric {config.objective!r}",
+            where=f"{where} [objective] metric",
+            fix=f"use one of {', '.join(OBJECTIVE_METRICS)}",
+        )
+    searched = {param.name: param for param in config.search}
+    fixed = config.fixed_params()
+    for index, trial in enumerate(config.seed_trials):
+        place = f"{where} [[seed_trials]] #{index + 1}"
+        for key, value in trial.items():
+            if key in searched:
+                if not searched[key].contains(value):
+                    raise InputError(
+                        f"seed trial value {key}={value!r} lies outside the search space",
+                        where=place,
+                        fix=f"widen [search.{key}] so that it includes {value!r}",
+                    )
+            elif key in fixed:
+                if fixed[key] != value:
+                    raise InputError(
+                        f"seed trial sets {key}={value!r} but {key} is neither searched nor "
+                        f"equal to its fixed value {fixed[key]!r}",
+                        where=place,
+                        fix=f"add [search.{key}] or set {key} = {value!r} in [model]/[train]",
+                    )
+            else:
+                raise InputError(
+                    f"unknown seed-trial parameter {key!r}",
+                    where=place,
+                    fix=f"use only {', '.join(TRIAL_KEYS)}",
+                )
+        missing = [p for p in searched if p not in trial]
+        if missing:
+            raise InputError(
+                f"seed trial does not set searched parameter(s) {', '.join(missing)}",
+                where=place,
+                fix="give every searched parameter a value so the trial is reproduced exactly",
+            )
+
+
+def _search_param(name: str, spec: Any, reader: _Section) -> SearchParam:
+    where = f"{reader.where} [search.{name}]"
+    if name not in TRIAL_KEYS:
+        raise InputError(
+            f"cannot search {name!r}", where=where, fix=f"search only {', '.join(TRIAL_KEYS)}"
+        )
+    section = _Section(spec, where)
+    kind = section.get("type", str)
+    if kind == "categorical":
+        param = SearchParam(name, "categorical", choices=tuple(section.get("choices", list)))
+    elif kind in ("int", "float"):
+        param = SearchParam(
+            name,
+            kind,
+            low=section.get("low", (int, float)),
+            high=section.get("high", (int, float)),
+            log=section.get("log", bool, False),
+        )
+    else:
+        raise InputError(
+            f"unknown search type {kind!r}", where=where, fix="use categorical, int or float"
+        )
+    section.reject_unknown()
+    return param
+
+
+def _dataclass_from(cls: type, section: _Section) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = set(section.values) - names
+    if unknown:
+        raise InputError(
+            f"unknown setting(s) {', '.join(sorted(unknown))}",
+            where=section.where,
+            fix=f"use only {', '.join(sorted(names))}",
+        )
+    try:
+        return cls(**section.values)
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc), where=section.where, fix="correct the value") from None
+
+
+_MISSING = object()
+
+
+class _Section:
+    """A TOML table read key by key, so unknown keys and wrong types are reported precisely."""
+
+    def __init__(self, values: Any, where: str) -> None:
+        if not isinstance(values, dict):
+            raise InputError("expected a table", where=where, fix="see studies/default.toml")
+        self.values = values
+        self.where = where
+        self.seen: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        self.seen.add(key)
+        if key not in self.values:
+            if default is _MISSING:
+                raise InputError(
+                    f"missing setting {key!r}", where=self.where, fix=f"add {key} = ..."
+                )
+            return default
+        value = self.values[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise InputError(
+                f"setting {key!r} has the wrong type ({type(value).__name__})",
+                where=self.where,
+                fix=f"give {key} a value of type {kind}",
+            )
+        return value
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.get(key, dict, {}), f"{self.where} [{key}]")
+
+    def table(self, key: str) -> list[tuple[str, Any]]:
+        return list(self.get(key, dict, {}).items())
+
+    def list_of_tables(self, key: str) -> list[dict[str, Any]]:
+        return list(self.get(key, list, []))
+
+    def reject_unknown(self) -> None:
+        unknown = set(self.values) - self.seen
+        if unknown:
+            raise InputError(
+                f"unknown setting(s) {', '.join(sorted(unknown))}",
+                where=self.where,
+                fix="remove them or check their spelling against studies/default.toml",
+            )

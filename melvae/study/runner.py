@@ -1,0 +1,316 @@
+"""Study orchestration: prepare data once, run Optuna trials, track them, register the best."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from melvae import track
+from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
+from melvae.data.validate import validate_expression, validate_labels
+from melvae.errors import InputError
+from melvae.preprocess import fit_preprocessor, split_cells
+from melvae.register import Registration, load_model, model_name, register_and_promote
+from melvae.study.config import StudyConfig
+from melvae.study.objective import FINAL_METRICS, Objective, PreparedData, evaluate_model
+from melvae.train import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+_SEEDED_ATTR = "seed_trials_enqueued"
+
+
+def prepare_data(
+    config: StudyConfig, *, data_path: Path | None = None, base_url: str | None = None
+) -> PreparedData:
+    """read → validate → split → fit preprocessing on the training split only."""
+    fallback_reason = None
+    if data_path is not None:
+        dataset = load_dataset(str(data_path))
+    else:
+        dataset, fallback_reason = load_with_fallback(
+            config.dataset, config.fallback, base_url=base_url
+        )
+    if fallback_reason is not None:
+        _announce_fallback(config, dataset, fallback_reason)
+    adata = dataset.adata
+    source = dataset.description
+    validate_expression(
+        adata,
+        source=source,
+        require_nonnegative=config.preprocess.transform in ("log1p", "counts"),
+    )
+    label_key = validate_labels(adata, config.label_key or dataset.label_key, source=source)
+    if label_key is not None:
+        adata = adata[adata.obs[label_key].notna()].copy()
+    p = config.preprocess
+    splits = split_cells(
+        adata,
+        label_key,
+        val_fraction=p.val_fraction,
+        test_fraction=p.test_fraction,
+        seed=p.seed,
+    )
+    train = adata[splits["train"]].copy()
+    return PreparedData(
+        dataset_key=dataset.key,
+        description=dataset.description,
+        fallback_reason=fallback_reason,
+        label_key=label_key,
+        train=train,
+        val=adata[splits["val"]].copy(),
+        test=adata[splits["test"]].copy(),
+        preprocessor=fit_preprocessor(train, config.preprocess),
+    )
+
+
+def _announce_fallback(config: StudyConfig, dataset: Dataset, reason: str) -> None:
+    banner = "!" * 78
+    print(
+        f"{banner}\nmelvae: dataset {config.dataset!r} is unavailable ({reason}).\n"
+        f"melvae: FALLING BACK to {dataset.key!r}: {dataset.description}\n"
+        f"melvae: results go to study {config.study_name(dataset.key)!r}; "
+        f"they are not results on {config.dataset!r}.\n{banner}",
+        file=sys.stderr,
+    )
+
+
+def create_study(config: StudyConfig, dataset_key: str, storage: str) -> optuna.Study:
+    """Create (or load) the study and enqueue the seed trials exactly once in its lifetime.
+
+    Run this once before starting parallel workers: two processes creating a fresh database
+    at the same moment race in Optuna's schema setup.
+    """
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=config.study_name(dataset_key),
+        storage=storage,
+        sampler=_sampler(config),
+        pruner=_pruner(config),
+        direction=config.direction,
+        load_if_exists=True,
+    )
+    if not study.user_attrs.get(_SEEDED_ATTR):
+        for params in config.seed_trials:
+            searched = {name: value for name, value in params.items() if _is_searched(config, name)}
+            study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
+        study.set_user_attr(_SEEDED_ATTR, True)
+    return study
+
+
+def _is_searched(config: StudyConfig, name: str) -> bool:
+    return any(param.name == name for param in config.search)
+
+
+def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    options = dict(config.sampler)
+    kind = options.pop("type", "tpe")
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    if kind not in samplers:
+        raise InputError(
+            f"unknown sampler {kind!r}",
+            where=f"{config.path} [sampler]",
+            fix=f"use one of {', '.join(samplers)}",
+        )
+    return _build(samplers[kind], options, f"{config.path} [sampler]")
+
+
+def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    options = dict(config.pruner)
+    kind = options.pop("type", "median")
+    pruners = {
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": optuna.pruners.NopPruner,
+    }
+    if kind not in pruners:
+        raise InputError(
+            f"unknown pruner {kind!r}",
+            where=f"{config.path} [pruner]",
+            fix=f"use one of {', '.join(pruners)}",
+        )
+    return _build(pruners[kind], options, f"{config.path} [pruner]")
+
+
+def _build(cls: type, options: dict, where: str):
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise InputError(f"bad option: {exc}", where=where, fix="see Optuna's docs") from None
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What one `run` left behind: the study, its experiment, and the registry's verdict."""
+
+    study: optuna.Study
+    experiment_id: str
+    parent_run_id: str
+    registration: Registration | None
+    seconds: float
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    storage: str = DEFAULT_STORAGE,
+    tracking_uri: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    epochs_cap: int | None = None,
+    data_path: Path | None = None,
+    base_url: str | None = None,
+    progress: bool = True,
+) -> StudyOutcome:
+    """Run (or resume) a study end to end and register its best model.
+
+    All input is read and validated before anything is written to MLflow or Optuna storage.
+    """
+    started = time.perf_counter()
+    data = prepare_data(config, data_path=data_path, base_url=base_url)
+    study = create_study(config, data.dataset_key, storage)
+    tracking_uri = track.use_backend(tracking_uri)
+    experiment_id = track.ensure_experiment(study.study_name, tracking_uri)
+    tags = {"study": study.study_name, "dataset": data.dataset_key, "role": "study-run"}
+    if data.fallback_reason is not None:
+        tags |= {"dataset_fallback": "true", "fallback_reason": data.fallback_reason}
+    run_name = time.strftime("run-%Y%m%d-%H%M%S")
+    with track.parent_run(experiment_id, run_name=run_name, tags=tags) as parent_id:
+        track.log_params(_data_params(config, data, storage))
+        track.log_file(config.path, "study")
+        objective = Objective(
+            config,
+            data,
+            experiment_id,
+            study_name=study.study_name,
+            epochs_cap=epochs_cap,
+            progress=progress,
+        )
+        study.optimize(
+            objective,
+            n_trials=n_trials if n_trials is not None else config.n_trials,
+            timeout=timeout if timeout is not None else config.timeout,
+            catch=(NonFiniteLossError,),
+        )
+        registration = _summarise_parent(study, data, config, tracking_uri)
+    return StudyOutcome(
+        study=study,
+        experiment_id=experiment_id,
+        parent_run_id=parent_id,
+        registration=registration,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[str, object]:
+    return {
+        "study_file": str(config.path),
+        "dataset": data.dataset_key,
+        "dataset_description": data.description,
+        "requested_dataset": config.dataset,
+        "label_key": data.label_key,
+        "n_train": data.train.n_obs,
+        "n_val": data.val.n_obs,
+        "n_test": data.test.n_obs,
+        "n_genes_input": data.train.n_vars,
+        "n_genes_model": len(data.preprocessor.genes),
+        "optuna_storage": _redact(storage),
+    }
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a storage URL before it is logged."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _summarise_parent(
+    study: optuna.Study, data: PreparedData, config: StudyConfig, tracking_uri: str
+) -> Registration | None:
+    """Give the parent run the best trial's metrics, the study's plots and the registry verdict."""
+    best = best_complete_trial(study)
+    if best is None:
+        log.warning("no trial completed: nothing to register")
+        return None
+    track.log_tags({"best_trial": best.number, "best_run_id": best.user_attrs["mlflow_run_id"]})
+    track.log_metrics(
+        {"objective": best.value}
+        | {name: best.user_attrs[name] for name in FINAL_METRICS if name in best.user_attrs}
+    )
+    _log_study_plots(study)
+    model = load_model(best.user_attrs["model_uri"], tracking_uri=tracking_uri)
+    test_metrics = evaluate_model(model, data, split="test")
+    track.log_metrics({f"test_{name}": value for name, value in test_metrics.items()})
+    return promote_best(study, config, data.dataset_key)
+
+
+def _log_study_plots(study: optuna.Study) -> None:
+    from optuna.visualization import matplotlib as optuna_plots
+
+    track.log_figure(
+        optuna_plots.plot_optimization_history(study).figure,
+        "plots/optimization_history.png",
+    )
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
+        track.log_figure(
+            optuna_plots.plot_param_importances(study).figure,
+            "plots/param_importances.png",
+        )
+
+
+def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial that logged a model, or None if there is none yet."""
+    trials = [
+        t
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if "model_uri" in t.user_attrs
+    ]
+    if not trials:
+        return None
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    return pick(trials, key=lambda t: t.value)
+
+
+def promote_best(study: optuna.Study, config: StudyConfig, dataset_key: str) -> Registration | None:
+    """Register the best complete trial's model; it becomes champion only if it wins."""
+    best = best_complete_trial(study)
+    if best is None:
+        return None
+    return register_and_promote(
+        best.user_attrs["model_uri"],
+        name=model_name(dataset_key),
+        objective=config.objective,
+        objective_value=float(best.value),
+        direction=config.direction,
+        tags={
+            "study": study.study_name,
+            "trial_number": str(best.number),
+            "run_id": best.user_attrs["mlflow_run_id"],
+        },
+    )
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: state, parameters, objective, key metrics, duration."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        duration = trial.duration.total_seconds() if trial.duration else float("nan")
+        row = {"trial": trial.number, "state": trial.state.name, "value": trial.value}
+        row |= trial.params
+        row |= {m: trial.user_attrs.get(m) for m in ("silhouette", "knn_accuracy", "recon_corr")}
+        row["seconds"] = round(duration, 1)
+        row["seed"] = "yes" if trial.user_attrs.get("seed_trial") else ""
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()

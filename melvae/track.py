@@ -1,0 +1,110 @@
+"""MLflow tracking: the one place that writes runs, params, metrics, tags and figures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import mlflow
+from matplotlib.figure import Figure
+from mlflow.entities import RunStatus
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+ARTIFACT_ROOT = Path("mlruns") / "artifacts"
+_MAX_PARAM_LENGTH = 6000
+
+
+def use_backend(tracking_uri: str | None = None) -> str:
+    """Point MLflow tracking and registry at one backend; the project's SQLite file by default."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """Return the experiment id for `name`, creating it (artifacts under mlruns/) if needed."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        root = Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
+        artifact_location = root.as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+@contextlib.contextmanager
+def parent_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """One run per `melvae.study run` invocation; trial runs nest under it."""
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def trial_run(experiment_id: str, *, trial_number: int, tags: Mapping[str, str]) -> Iterator[str]:
+    """A nested run named `trial-<number>`; its end status mirrors how the trial ended.
+
+    Pruned trials (optuna.TrialPruned) end KILLED and tagged `pruned`; any other exception ends
+    the run FAILED with the reason as a tag, then propagates so Optuna records it too.
+    """
+    import optuna
+
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"trial-{trial_number}",
+        nested=True,
+        tags={**tags, "trial_number": str(trial_number)},
+    )
+    try:
+        yield run.info.run_id
+    except optuna.TrialPruned:
+        mlflow.set_tags({"optuna_state": "PRUNED", "pruned": "true"})
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as exc:
+        mlflow.set_tags({"optuna_state": "FAIL", "failure_reason": f"{type(exc).__name__}: {exc}"})
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.set_tag("optuna_state", "COMPLETE")
+        mlflow.end_run()
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log parameters, stringifying values and truncating ones MLflow would reject."""
+    mlflow.log_params({key: str(value)[:_MAX_PARAM_LENGTH] for key, value in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
+    """Log a batch of metrics in one call (one backend round trip per epoch, not per metric)."""
+    mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+
+
+def log_tags(tags: Mapping[str, Any]) -> None:
+    mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
+
+def log_figure(figure: Figure, artifact_file: str) -> None:
+    """Store a figure as a PNG artifact and free it."""
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
+
+
+def log_file(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def experiment_url(ui_base: str, experiment_id: str) -> str:
+    """Address of an experiment's runs page in the MLflow UI."""
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}"

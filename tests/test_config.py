@@ -1,0 +1,77 @@
+"""Study files: the shipped default is valid and mistakes are reported with where and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from melvae.errors import InputError
+from melvae.study.config import DEFAULT_STUDY, load_study_config
+
+DOCUMENTED_EXPERIMENTS = [
+    {"hidden_dim": 128, "latent_dim": 2, "learning_rate": 1e-4, "epochs": 200, "batch_size": 32},
+    {"hidden_dim": 128, "latent_dim": 10, "learning_rate": 1e-4, "epochs": 100, "batch_size": 32},
+    {"hidden_dim": 256, "latent_dim": 5, "learning_rate": 1e-3, "epochs": 100, "batch_size": 32},
+]
+
+
+def test_default_study_seeds_the_three_documented_experiments_exactly():
+    config = load_study_config(DEFAULT_STUDY)
+    assert [dict(trial) for trial in config.seed_trials] == DOCUMENTED_EXPERIMENTS
+    assert {p.name for p in config.search} >= {"hidden_dim", "latent_dim", "learning_rate"}
+    assert config.fallback == "pbmc68k_reduced"
+    assert config.dataset == "gse115978_reference"
+    assert config.direction == "minimize"
+    assert config.study_name("pbmc68k_reduced") == "melanoma-vae-pbmc68k_reduced"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(DEFAULT_STUDY.read_text() + "\n" + text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("addition", "message"),
+    [
+        ("[surprise]\nvalue = 1", "unknown setting(s) surprise"),
+        (
+            "[[seed_trials]]\nhidden_dim = 1000\nlatent_dim = 2\nlearning_rate = 1e-3\n"
+            "epochs = 100",
+            "outside the search space",
+        ),
+        (
+            "[[seed_trials]]\nhidden_dim = 128\nlatent_dim = 2\nlearning_rate = 1e-3\n"
+            "epochs = 100\nbatch_size = 64",
+            "neither searched nor equal",
+        ),
+        ("[[seed_trials]]\nhidden_dim = 128", "does not set searched parameter"),
+    ],
+)
+def test_mistakes_in_a_study_file_name_the_place(tmp_path, addition, message):
+    with pytest.raises(InputError) as error:
+        load_study_config(_write(tmp_path, addition))
+    assert message in str(error.value)
+    assert str(tmp_path / "study.toml") in error.value.where
+
+
+def test_wrong_values_are_rejected_with_a_fix(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(DEFAULT_STUDY.read_text().replace('"bernoulli"', '"poisson"'))
+    with pytest.raises(InputError, match="unknown likelihood 'poisson'") as error:
+        load_study_config(path)
+    assert "negative_binomial" in error.value.fix
+
+    path.write_text(DEFAULT_STUDY.read_text().replace("seed = 0\n\n[model]", "sed = 0\n\n[model]"))
+    with pytest.raises(InputError, match="sed"):
+        load_study_config(path)
+
+
+def test_missing_or_broken_study_file(tmp_path):
+    with pytest.raises(InputError, match="study file not found"):
+        load_study_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = \n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_study_config(broken)
