@@ -1,0 +1,314 @@
+"""Gene filtering, highly-variable-gene selection, transforms and the train/val/test split.
+
+Every statistic (gene list, min/max, std) is fitted on the training cells only and stored in a
+`Preprocessor` that travels with the model, so validation, test and new data never influence it.
+Sparse input stays sparse: transforms act on the stored non-zeros only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from melvae.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+Transform = Literal["minmax", "log1p", "counts"]
+TRANSFORMS: tuple[str, ...] = ("minmax", "log1p", "counts")
+Matrix = np.ndarray | sp.csr_matrix
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How to preprocess: gene selection, transform, and split fractions.
+
+    `minmax` scales each gene to [0, 1] (the original study, for a Bernoulli decoder); `log1p`
+    applies log(1 + x), optionally divided by the per-gene training std (`scale`, no centring so
+    values stay >= 0); `counts` leaves raw counts untouched for the negative-binomial decoder.
+    """
+
+    n_top_genes: int | None = 2000
+    transform: Transform = "minmax"
+    scale: bool = False
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        where = "PreprocessConfig"
+        if self.transform not in TRANSFORMS:
+            raise InputError(
+                f"unknown transform {self.transform!r}",
+                where=where,
+                fix=f"use one of {', '.join(TRANSFORMS)}",
+            )
+        if self.scale and self.transform != "log1p":
+            raise InputError(
+                f"scale=True only applies to the log1p transform, not {self.transform!r}",
+                where=where,
+                fix="set transform='log1p' or scale=False",
+            )
+        if self.n_top_genes is not None and self.n_top_genes < 1:
+            raise InputError(
+                f"n_top_genes must be a positive number of genes, got {self.n_top_genes}",
+                where=where,
+                fix="give a positive integer, or None to keep all genes",
+            )
+        _check_fractions(self.val_fraction, self.test_fraction, where=where)
+
+
+def _check_fractions(val_fraction: float, test_fraction: float, *, where: str) -> None:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise InputError(
+            f"split fractions must be in [0, 1) and leave training cells "
+            f"(val={val_fraction}, test={test_fraction})",
+            where=where,
+            fix="use e.g. val_fraction=0.15, test_fraction=0.15",
+        )
+
+
+def split_cells(
+    adata: ad.AnnData,
+    label_key: str | None,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Split cell positions into sorted "train", "val" and "test" index arrays.
+
+    Stratified by `obs[label_key]` when given (missing labels form their own stratum): cells are
+    ordered so that every class is spread evenly through the order, then the first cells go to
+    validation, the next to test and the rest to training. Totals match the fractions exactly,
+    classes are represented in proportion, and a class with a single cell stays in training
+    (whenever val + test < 0.5). Deterministic for a seed.
+    """
+    _check_fractions(val_fraction, test_fraction, where="split_cells")
+    n = adata.n_obs
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if n - n_val - n_test < 1:
+        raise InputError(
+            f"{n} cells are too few to split into train/val/test",
+            where="split_cells",
+            fix="use more cells or smaller val/test fractions",
+        )
+    if label_key is None:
+        strata = np.zeros(n, dtype=np.int64)
+    else:
+        if label_key not in adata.obs:
+            raise InputError(
+                f"label column {label_key!r} not found in obs",
+                where=f"obs columns: {', '.join(map(str, adata.obs.columns)) or '(none)'}",
+                fix="pass an existing obs column as label_key, or None for an unstratified split",
+            )
+        labels = adata.obs[label_key].astype(object).where(adata.obs[label_key].notna(), "\0na")
+        strata = pd.factorize(labels.to_numpy())[0]
+    rng = np.random.default_rng(seed)
+    tiebreak = rng.random(n)
+    rank = np.empty(n)
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        members = members[rng.permutation(members.size)]
+        rank[members] = (np.arange(members.size) + 0.5) / members.size
+    order = np.lexsort((tiebreak, rank))
+    return {
+        "train": np.sort(order[n_val + n_test :]),
+        "val": np.sort(order[:n_val]),
+        "test": np.sort(order[n_val : n_val + n_test]),
+    }
+
+
+@dataclass
+class Preprocessor:
+    """Fitted preprocessing state: the model's genes and the per-gene transform statistics."""
+
+    genes: list[str]
+    transform: str
+    offset: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def transform_matrix(self, X: Matrix) -> Matrix:
+        """Transform cells x genes already aligned to `genes` (float32; sparse stays sparse).
+
+        minmax output is clipped to [0, 1] because unseen cells can exceed the training range.
+        """
+        if X.shape[1] != len(self.genes):
+            raise InputError(
+                f"matrix has {X.shape[1]} genes but the preprocessor expects {len(self.genes)}",
+                where="Preprocessor.transform_matrix",
+                fix="align the genes first with melvae.preprocess.align_genes",
+            )
+        if self.transform == "counts":
+            return _as_float32(X)
+        if self.transform == "log1p":
+            if self.scale is None:
+                return _map_values(X, lambda v, _: np.log1p(v))
+            inv = (1.0 / self.scale).astype(np.float32)
+            return _map_values(X, lambda v, cols: np.log1p(v) * inv[cols])
+        assert self.offset is not None and self.scale is not None
+        offset, scale = self.offset.astype(np.float32), self.scale.astype(np.float32)
+        # With offset >= 0 a zero maps to <= 0 and is clipped back to 0, so only the stored
+        # non-zeros of a sparse matrix need transforming.
+        if sp.issparse(X) and np.any(offset < 0):
+            X = X.toarray()
+        return _map_values(X, lambda v, cols: np.clip((v - offset[cols]) / scale[cols], 0, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe representation (float64 lists, so values round-trip exactly)."""
+        return {
+            "genes": list(self.genes),
+            "transform": self.transform,
+            "offset": None if self.offset is None else self.offset.tolist(),
+            "scale": None if self.scale is None else self.scale.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        """Rebuild a Preprocessor written by `to_dict`."""
+
+        def array(v: list[float] | None) -> np.ndarray | None:
+            return None if v is None else np.asarray(v, dtype=np.float64)
+
+        return cls(
+            genes=list(d["genes"]),
+            transform=d["transform"],
+            offset=array(d.get("offset")),
+            scale=array(d.get("scale")),
+        )
+
+
+def _as_float32(X: Matrix) -> Matrix:
+    return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32)
+
+
+def _map_values(X: Matrix, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Matrix:
+    """Apply `fn(values, column_of_each_value)` elementwise in float32.
+
+    For sparse input only the stored entries are touched, so `fn` must map 0 to 0.
+    """
+    if sp.issparse(X):
+        out = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        out.data = fn(out.data, out.indices).astype(np.float32, copy=False)
+        return out
+    dense = np.asarray(X, dtype=np.float32)
+    return fn(dense, np.arange(dense.shape[1])[None, :]).astype(np.float32, copy=False)
+
+
+def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocessor:
+    """Fit the gene list and transform statistics on the training cells only.
+
+    Drops genes that are all-zero in `train`, then (if `config.n_top_genes` is set) keeps the
+    genes with the highest Seurat-style normalised dispersion: scanpy's `highly_variable_genes`
+    with `flavor="seurat"` (variance/mean, z-scored within 20 mean bins). That flavour undoes a
+    log with expm1, so it is given log1p(X): the dispersion is computed on the values as given,
+    which works for counts, TPM and log-normalised input alike without overflow. Exactly
+    `n_top_genes` genes are kept (ties broken by gene order), in their original order.
+    """
+    where = "training cells given to fit_preprocessor"
+    if train.n_obs == 0 or train.n_vars == 0:
+        raise InputError(
+            f"training data is empty ({train.n_obs} cells x {train.n_vars} genes)",
+            where=where,
+            fix="pass the training split with at least one cell and gene",
+        )
+    _require_unique_genes(train, where=where)
+    X = train.X
+    genes = np.asarray(train.var_names, dtype=object)
+    expressed = np.asarray((X != 0).sum(axis=0)).ravel() > 0
+    if not expressed.any():
+        raise InputError(
+            "every gene is zero in all training cells",
+            where=where,
+            fix="check that the expression matrix was read correctly (not an empty layer)",
+        )
+    logger.info("dropping %d genes that are zero in all training cells", int((~expressed).sum()))
+    X, genes = X[:, expressed], genes[expressed]
+    if config.n_top_genes is not None and config.n_top_genes < len(genes):
+        keep = _top_dispersion_genes(X, config.n_top_genes)
+        X, genes = X[:, keep], genes[keep]
+    offset = scale = None
+    if config.transform == "minmax":
+        offset, high = _column_min_max(X)
+        scale = _nonzero_or_one(high - offset)
+    elif config.scale:
+        scale = _nonzero_or_one(_column_std(Preprocessor(list(genes), "log1p").transform_matrix(X)))
+    return Preprocessor(
+        genes=[str(g) for g in genes], transform=config.transform, offset=offset, scale=scale
+    )
+
+
+def _top_dispersion_genes(X: Matrix, n_top: int) -> np.ndarray:
+    """Column positions (sorted) of the `n_top` genes with the highest normalised dispersion."""
+    log_x = _map_values(X, lambda v, _: np.log1p(v))
+    stats = sc.pp.highly_variable_genes(ad.AnnData(log_x), flavor="seurat", inplace=False)
+    dispersion = np.nan_to_num(stats["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
+    return np.sort(np.argsort(-dispersion, kind="stable")[:n_top])
+
+
+def _column_min_max(X: Matrix) -> tuple[np.ndarray, np.ndarray]:
+    def dense(v: Any) -> np.ndarray:
+        return np.asarray(v.toarray() if sp.issparse(v) else v, dtype=np.float64).ravel()
+
+    return dense(X.min(axis=0)), dense(X.max(axis=0))
+
+
+def _column_std(X: Matrix) -> np.ndarray:
+    squares = X.multiply(X) if sp.issparse(X) else np.square(X)
+    mean = np.asarray(X.mean(axis=0, dtype=np.float64)).ravel()
+    mean_sq = np.asarray(squares.mean(axis=0, dtype=np.float64)).ravel()
+    return np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
+
+
+def _nonzero_or_one(v: np.ndarray) -> np.ndarray:
+    """Per-gene divisor: genes constant in training get 1 so they map to a constant, not NaN."""
+    return np.where(v > 0, v, 1.0).astype(np.float64)
+
+
+def _require_unique_genes(adata: ad.AnnData, *, where: str) -> None:
+    if not adata.var_names.is_unique:
+        dupes = adata.var_names[adata.var_names.duplicated()].unique()[:5]
+        raise InputError(
+            f"gene names are not unique (e.g. {', '.join(map(str, dupes))})",
+            where=where,
+            fix="make var_names unique, e.g. adata.var_names_make_unique()",
+        )
+
+
+def align_genes(
+    adata: ad.AnnData, genes: list[str], *, min_overlap: float = 0.5
+) -> tuple[Matrix, int]:
+    """Return adata's matrix with columns matched to `genes` by name, and how many were missing.
+
+    Missing genes are filled with zeros; sparse input stays sparse. If fewer than `min_overlap`
+    of `genes` are present the input almost certainly uses other identifiers or another
+    organism, so an InputError explains what was found.
+    """
+    _require_unique_genes(adata, where="input genes (var_names)")
+    position = adata.var_names.get_indexer(pd.Index(genes))
+    found = position >= 0
+    n_found = int(found.sum())
+    if not genes or n_found < min_overlap * len(genes) or n_found == 0:
+        missing = [g for g, ok in zip(genes, found, strict=True) if not ok][:5]
+        raise InputError(
+            f"only {n_found} of the model's {len(genes)} genes were found in the input "
+            f"(need at least {min_overlap:.0%}); missing e.g. {', '.join(missing)}",
+            where=f"input var_names (e.g. {', '.join(map(str, adata.var_names[:5]))})",
+            fix="use the same gene identifiers as the training data (gene symbols, same case), "
+            "or train a model on these genes",
+        )
+    selector = sp.csr_matrix(
+        (np.ones(n_found, dtype=np.float32), (position[found], np.flatnonzero(found))),
+        shape=(adata.n_vars, len(genes)),
+    )
+    X = adata.X
+    aligned = sp.csr_matrix(X @ selector) if sp.issparse(X) else np.asarray(X @ selector)
+    return _as_float32(aligned), len(genes) - n_found
