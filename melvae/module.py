@@ -1,0 +1,120 @@
+"""The VAE as a torch module: the original architecture with a choice of decoder likelihood.
+
+encoder: Linear(n_genes -> hidden) + ReLU -> (mu, logvar) via two Linear(hidden -> latent);
+decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes), read as
+- "bernoulli": logits of a Bernoulli per gene, loss = BCE (the original, for [0, 1] min-max data);
+- "gaussian": the mean of a unit-variance Gaussian, loss = 0.5 * squared error (its NLL without the
+  constant);
+- "negative_binomial": logits of the expression proportions; the mean is softmax(logits) times the
+  cell's library size, with a learned per-gene inverse dispersion. The encoder sees log1p(counts).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melvae.errors import InputError
+
+Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
+
+
+class LossParts(NamedTuple):
+    """Negative ELBO parts, each a scalar tensor averaged over cells (summed over genes/latents)."""
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+
+class VAEModule(nn.Module):
+    """Single-hidden-layer VAE for cells x genes input."""
+
+    def __init__(
+        self, n_genes: int, hidden_dim: int, latent_dim: int, likelihood: Likelihood = "bernoulli"
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise InputError(
+                f"unknown likelihood {likelihood!r}",
+                where="VAEModule",
+                fix=f"use one of {', '.join(LIKELIHOODS)}",
+            )
+        if min(n_genes, hidden_dim, latent_dim) < 1:
+            raise InputError(
+                f"layer sizes must be positive (n_genes={n_genes}, hidden_dim={hidden_dim}, "
+                f"latent_dim={latent_dim})",
+                where="VAEModule",
+                fix="give positive sizes",
+            )
+        self.likelihood = likelihood
+        self.encoder = nn.Sequential(nn.Linear(n_genes, hidden_dim), nn.ReLU())
+        self.mu = nn.Linear(hidden_dim, latent_dim)
+        self.logvar = nn.Linear(hidden_dim, latent_dim)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_genes)
+        )
+        if likelihood == "negative_binomial":
+            self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of the latent code for each cell."""
+        h = self.encoder(torch.log1p(x) if self.likelihood == "negative_binomial" else x)
+        return self.mu(h), self.logvar(h)
+
+    def decode_mean(self, z: torch.Tensor, library: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected expression in the transformed space for latent codes `z`.
+
+        `library` (cells x 1 total counts) only matters for negative_binomial; without it the
+        result is the expected proportion of each gene (rows sum to 1).
+        """
+        out = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        if self.likelihood == "gaussian":
+            return out
+        proportions = torch.softmax(out, dim=-1)
+        return proportions if library is None else proportions * library
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Expected expression decoded from each cell's posterior mean (no sampling)."""
+        mu, _ = self.encode(x)
+        return self.decode_mean(mu, library=x.sum(dim=-1, keepdim=True))
+
+    def loss(
+        self, x: torch.Tensor, kl_weight: float = 1.0, *, generator: torch.Generator | None = None
+    ) -> LossParts:
+        """Negative ELBO: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
+
+        One reparameterised sample per cell, drawn from `generator` (the global RNG if None).
+        """
+        mu, logvar = self.encode(x)
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        recon = self._reconstruction_nll(x, self.decoder(z)).sum(dim=-1).mean()
+        kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1).mean()
+        return LossParts(recon + kl_weight * kl, recon, kl)
+
+    def _reconstruction_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Per-cell, per-gene negative log-likelihood of `x` given the decoder output."""
+        if self.likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(out, x, reduction="none")
+        if self.likelihood == "gaussian":
+            return 0.5 * (x - out).square()
+        library = x.sum(dim=-1, keepdim=True)
+        log_mu = torch.log_softmax(out, dim=-1) + torch.log(library.clamp_min(1e-8))
+        log_theta = self.log_theta
+        theta = log_theta.exp()
+        log_theta_plus_mu = torch.logaddexp(log_theta, log_mu)
+        log_prob = (
+            theta * (log_theta - log_theta_plus_mu)
+            + x * (log_mu - log_theta_plus_mu)
+            + torch.lgamma(x + theta)
+            - torch.lgamma(theta)
+            - torch.lgamma(x + 1)
+        )
+        return -log_prob
