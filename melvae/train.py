@@ -1,0 +1,271 @@
+"""Training loop: Adam, KL warm-up, early stopping on validation loss, per-epoch callback.
+
+Batches are cut from the (possibly sparse CSR) matrix on the fly, so only one batch is ever dense.
+Runs are deterministic for a seed: shuffling and the reparameterisation noise come from private
+generators seeded from `TrainConfig.seed`, and the global torch RNG is neither used nor changed.
+The validation loss is the negative ELBO with the full `kl_weight` and the same noise every
+epoch, so epochs compare without sampling noise or warm-up drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from melvae.errors import InputError
+from melvae.module import VAEModule
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES: tuple[str, ...] = (
+    "train_loss",
+    "val_loss",
+    "train_recon",
+    "train_kl",
+    "val_recon",
+    "val_kl",
+)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. `kl_warmup_epochs` > 0 ramps the KL weight linearly from
+    kl_weight / kl_warmup_epochs to kl_weight; early stopping waits for the warm-up to end."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    kl_weight: float = 1.0
+    kl_warmup_epochs: int = 0
+    early_stopping_patience: int | None = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name}={getattr(self, name)}"
+            for name, ok in [
+                ("epochs", self.epochs >= 1),
+                ("batch_size", self.batch_size >= 1),
+                ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate)),
+                ("kl_weight", self.kl_weight >= 0 and math.isfinite(self.kl_weight)),
+                ("kl_warmup_epochs", self.kl_warmup_epochs >= 0),
+                (
+                    "early_stopping_patience",
+                    self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                ),
+            ]
+            if not ok
+        ]
+        if problems:
+            raise InputError(
+                f"invalid training settings: {', '.join(problems)}",
+                where="TrainConfig",
+                fix="epochs, batch_size and patience must be >= 1 (patience may be None), "
+                "learning_rate > 0, kl_weight and kl_warmup_epochs >= 0",
+            )
+
+    def kl_weight_at(self, epoch: int) -> float:
+        """KL weight used for the training loss in `epoch` (0-based)."""
+        if self.kl_warmup_epochs == 0:
+            return self.kl_weight
+        return self.kl_weight * min(1.0, (epoch + 1) / self.kl_warmup_epochs)
+
+
+@dataclass
+class History:
+    """Per-epoch losses (0-based epochs; each value averaged over cells)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_recon: list[float] = field(default_factory=list)
+    train_kl: list[float] = field(default_factory=list)
+    val_recon: list[float] = field(default_factory=list)
+    val_kl: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+    def epoch_metrics(self, i: int) -> dict[str, float]:
+        """The six losses of epoch `i`, keyed by their names."""
+        return {name: getattr(self, name)[i] for name in METRIC_NAMES}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe representation."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        """Rebuild a History written by `to_dict`."""
+        return cls(**d)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite (diverged training or NaN/inf in the input)."""
+
+    def __init__(self, epoch: int, which: str, parts: dict[str, float]) -> None:
+        self.epoch = epoch
+        self.which = which
+        values = ", ".join(f"{k}={v}" for k, v in parts.items())
+        super().__init__(
+            f"{which} loss is not finite in epoch {epoch} ({values}); lower the learning rate "
+            "or check the input for NaN/inf values"
+        )
+
+
+def batches(
+    x: np.ndarray | sp.spmatrix, batch_size: int, *, order: np.ndarray | None = None
+) -> Iterator[torch.Tensor]:
+    """Yield dense float32 tensors of `batch_size` rows of `x` (in `order` if given).
+
+    Only the rows of one batch are densified, so a sparse matrix is never made dense as a whole.
+    """
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        rows = (
+            x[start : start + batch_size] if order is None else x[order[start : start + batch_size]]
+        )
+        if sp.issparse(rows):
+            rows = rows.toarray()
+        yield torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+
+def evaluate_loss(
+    module: VAEModule,
+    x: np.ndarray | sp.spmatrix,
+    *,
+    kl_weight: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Negative ELBO of `x` averaged over cells: {"loss", "recon", "kl"}.
+
+    Uses noise from a generator seeded with `seed`, so the same weights give the same value.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    was_training = module.training
+    module.eval()
+    totals = np.zeros(3)
+    try:
+        with torch.no_grad():
+            for xb in batches(x, batch_size):
+                parts = module.loss(xb, kl_weight, generator=generator)
+                totals += [float(p) * len(xb) for p in parts]
+    finally:
+        module.train(was_training)
+    return dict(zip(("loss", "recon", "kl"), (totals / x.shape[0]).tolist(), strict=True))
+
+
+def train_vae(
+    module: VAEModule,
+    train_x: np.ndarray | sp.spmatrix,
+    val_x: np.ndarray | sp.spmatrix,
+    config: TrainConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+    eval_batch_size: int = 1024,
+) -> History:
+    """Train `module` in place with Adam; return the loss history.
+
+    After each epoch `on_epoch(epoch, metrics)` is called with the six losses; exceptions it raises
+    (e.g. optuna.TrialPruned) propagate. Training stops after `early_stopping_patience` epochs
+    without a lower validation loss, and the weights of the best epoch are restored at the end,
+    also when training is interrupted by an exception. A NaN/inf loss raises NonFiniteLossError.
+    """
+    train_x, val_x = _checked(module, train_x, "train"), _checked(module, val_x, "val")
+    order_rng = np.random.default_rng(config.seed)
+    noise = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
+    history = History()
+    best_state: dict[str, torch.Tensor] | None = None
+    epochs_since_best = 0
+    bar = tqdm(
+        range(config.epochs), desc="training", unit="epoch", disable=None if progress else True
+    )
+    try:
+        for epoch in bar:
+            train = _train_epoch(module, optimizer, train_x, config, epoch, order_rng, noise)
+            val = evaluate_loss(
+                module,
+                val_x,
+                kl_weight=config.kl_weight,
+                seed=config.seed,
+                batch_size=eval_batch_size,
+            )
+            if not math.isfinite(val["loss"]):
+                raise NonFiniteLossError(epoch, "validation", val)
+            for prefix, parts in (("train", train), ("val", val)):
+                getattr(history, f"{prefix}_loss").append(parts["loss"])
+                getattr(history, f"{prefix}_recon").append(parts["recon"])
+                getattr(history, f"{prefix}_kl").append(parts["kl"])
+            if history.best_epoch < 0 or val["loss"] < history.val_loss[history.best_epoch]:
+                history.best_epoch = epoch
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                epochs_since_best = 0
+            else:
+                epochs_since_best += 1
+            metrics = history.epoch_metrics(epoch)
+            bar.set_postfix(train=f"{train['loss']:.4g}", val=f"{val['loss']:.4g}")
+            logger.debug("epoch %d: %s", epoch, metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            patience = config.early_stopping_patience
+            warmed_up = epoch + 1 >= config.kl_warmup_epochs
+            if patience is not None and warmed_up and epochs_since_best >= patience:
+                history.stopped_early = True
+                logger.info("early stop after epoch %d; best epoch %d", epoch, history.best_epoch)
+                break
+    finally:
+        bar.close()
+        if best_state is not None:
+            module.load_state_dict(best_state)
+    return history
+
+
+def _train_epoch(
+    module: VAEModule,
+    optimizer: torch.optim.Optimizer,
+    x: np.ndarray | sp.csr_matrix,
+    config: TrainConfig,
+    epoch: int,
+    order_rng: np.random.Generator,
+    noise: torch.Generator,
+) -> dict[str, float]:
+    kl_weight = config.kl_weight_at(epoch)
+    module.train()
+    totals = np.zeros(3)
+    order = order_rng.permutation(x.shape[0])
+    for xb in batches(x, config.batch_size, order=order):
+        parts = module.loss(xb, kl_weight, generator=noise)
+        if not torch.isfinite(parts.total):
+            raise NonFiniteLossError(
+                epoch, "training", {k: float(v) for k, v in parts._asdict().items()}
+            )
+        optimizer.zero_grad()
+        parts.total.backward()
+        optimizer.step()
+        totals += [float(p) * len(xb) for p in parts]
+    return dict(zip(("loss", "recon", "kl"), (totals / x.shape[0]).tolist(), strict=True))
+
+
+def _checked(
+    module: VAEModule, x: np.ndarray | sp.spmatrix, name: str
+) -> np.ndarray | sp.csr_matrix:
+    """`x` as CSR (if sparse) after checking it is non-empty and has the module's gene count."""
+    n_genes = module.encoder[0].in_features
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != n_genes:
+        raise InputError(
+            f"{name} matrix has shape {x.shape}, expected (cells >= 1, {n_genes} genes)",
+            where=f"train_vae({name}_x)",
+            fix="pass the preprocessed matrix aligned to the model's genes, with at least one cell",
+        )
+    return sp.csr_matrix(x) if sp.issparse(x) else x
