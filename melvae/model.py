@@ -1,0 +1,324 @@
+"""User-facing model: fit on AnnData, encode/embed/decode/reconstruct new cells, save and load.
+
+A MelVAE carries everything needed to apply it to new data: the fitted Preprocessor (gene list
+and training-split statistics), the torch module, and the hyperparameters it was built with.
+New data are aligned to the model's genes by name before the fitted transform is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from melvae.errors import InputError
+from melvae.module import Likelihood, VAEModule
+from melvae.preprocess import (
+    Matrix,
+    PreprocessConfig,
+    Preprocessor,
+    align_genes,
+    fit_preprocessor,
+)
+from melvae.train import EpochCallback, History, TrainConfig, batches, train_vae
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "melvae.json"
+WEIGHTS_FILE = "weights.pt"
+FORMAT_VERSION = 1
+
+# The transforms each decoder likelihood is valid for (Bernoulli needs values in [0, 1],
+# the negative binomial needs untransformed counts).
+COMPATIBLE_TRANSFORMS: dict[str, tuple[str, ...]] = {
+    "bernoulli": ("minmax",),
+    "gaussian": ("minmax", "log1p", "counts"),
+    "negative_binomial": ("counts",),
+}
+
+
+class MelVAE:
+    """A fitted VAE together with its preprocessing; build with `MelVAE.fit` or `MelVAE.load`."""
+
+    def __init__(
+        self,
+        module: VAEModule,
+        preprocessor: Preprocessor,
+        *,
+        hyperparameters: dict[str, Any],
+        label_key: str | None = None,
+        label_names: list[str] | None = None,
+        library_size: float | None = None,
+        history: History | None = None,
+    ) -> None:
+        self.module = module
+        self.preprocessor = preprocessor
+        self.hyperparameters = hyperparameters
+        self.label_key = label_key
+        self.label_names = list(label_names or [])
+        self.library_size = library_size
+        self.history = history
+
+    @property
+    def genes(self) -> list[str]:
+        """The model's input genes, in order."""
+        return self.preprocessor.genes
+
+    def __repr__(self) -> str:
+        hp = self.hyperparameters
+        return (
+            f"MelVAE(genes={len(self.genes)}, hidden_dim={hp['hidden_dim']}, "
+            f"latent_dim={hp['latent_dim']}, likelihood={hp['likelihood']!r}, "
+            f"transform={self.preprocessor.transform!r})"
+        )
+
+    @classmethod
+    def fit(
+        cls,
+        train_cells: ad.AnnData,
+        val_cells: ad.AnnData,
+        /,
+        *,
+        preprocess: PreprocessConfig | Preprocessor | None = None,
+        hidden_dim: int = 256,
+        latent_dim: int = 10,
+        likelihood: Likelihood = "bernoulli",
+        train: TrainConfig | None = None,
+        label_key: str | None = None,
+        on_epoch: EpochCallback | None = None,
+        progress: bool = True,
+    ) -> MelVAE:
+        """Fit the preprocessor on the training cells only (unless one is given), then train.
+
+        The two AnnData are positional-only so that `train=` can name the TrainConfig.
+        `val_cells` drive early stopping and the reported validation loss; they never influence
+        the preprocessing. `on_epoch(epoch, metrics)` is called after every epoch.
+        """
+        preprocess = PreprocessConfig() if preprocess is None else preprocess
+        training = TrainConfig() if train is None else train
+        if isinstance(preprocess, Preprocessor):
+            preprocessor, preprocess_config = preprocess, None
+        else:
+            preprocessor = fit_preprocessor(train_cells, preprocess)
+            preprocess_config = asdict(preprocess)
+        _check_compatible(likelihood, preprocessor.transform)
+        hyperparameters = {
+            "n_genes": len(preprocessor.genes),
+            "hidden_dim": hidden_dim,
+            "latent_dim": latent_dim,
+            "likelihood": likelihood,
+            "training": asdict(training),
+            "preprocess": preprocess_config,
+        }
+        model = cls(
+            _new_module(hyperparameters, seed=training.seed),
+            preprocessor,
+            hyperparameters=hyperparameters,
+            label_key=label_key,
+            label_names=_label_names(train_cells, label_key),
+        )
+        train_x = model._prepare(train_cells, "training cells")
+        val_x = model._prepare(val_cells, "validation cells")
+        if likelihood == "negative_binomial":
+            model.library_size = float(np.median(np.asarray(train_x.sum(axis=1)).ravel()))
+        model.history = train_vae(
+            model.module, train_x, val_x, training, on_epoch=on_epoch, progress=progress
+        )
+        return model
+
+    def _prepare(self, adata: ad.AnnData, what: str = "input cells") -> Matrix:
+        """Align `adata` to the model's genes by name and apply the fitted transform."""
+        X, n_missing = align_genes(adata, self.genes)
+        if n_missing:
+            logger.warning(
+                "%s: %d of the model's %d genes are missing and were filled with zeros",
+                what,
+                n_missing,
+                len(self.genes),
+            )
+        return self.preprocessor.transform_matrix(X)
+
+    def _predict(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], x: Matrix, batch_size: int
+    ) -> np.ndarray:
+        self.module.eval()
+        with torch.no_grad():
+            out = [fn(xb).numpy() for xb in batches(x, batch_size)]
+            if not out:  # no cells: still return the right number of columns
+                return fn(torch.zeros((0, x.shape[1]))).numpy()
+        return np.concatenate(out)
+
+    def encode(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
+        """Latent means (cells x latent_dim) for the cells of `adata`, genes matched by name."""
+        return self._predict(lambda xb: self.module.encode(xb)[0], self._prepare(adata), batch_size)
+
+    def embed(self, adata: ad.AnnData, key: str = "X_melvae") -> ad.AnnData:
+        """Write the latent means to `adata.obsm[key]` and return `adata`."""
+        adata.obsm[key] = self.encode(adata)
+        return adata
+
+    def decode(
+        self, latent: np.ndarray, *, library_size: float | None = None, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Expected expression (in the transformed space) for latent codes.
+
+        For negative_binomial this is counts at `library_size` total counts per cell (default:
+        the median of the training cells).
+        """
+        latent = np.asarray(latent, dtype=np.float32)
+        latent_dim = self.hyperparameters["latent_dim"]
+        if latent.ndim != 2 or latent.shape[1] != latent_dim:
+            raise InputError(
+                f"latent array has shape {latent.shape}, expected (cells, {latent_dim})",
+                where="MelVAE.decode",
+                fix="pass an array like the output of MelVAE.encode",
+            )
+        size = self.library_size if library_size is None else library_size
+        library = None if size is None else torch.tensor([[size]], dtype=torch.float32)
+        return self._predict(
+            lambda z: self.module.decode_mean(z, library=library), latent, batch_size
+        )
+
+    def reconstruct(
+        self, adata: ad.AnnData, *, batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(transformed input, reconstruction from the latent mean), both dense cells x genes."""
+        x = self._prepare(adata)
+        x_hat = self._predict(self.module.reconstruct, x, batch_size)
+        return (x.toarray() if sp.issparse(x) else np.asarray(x)), x_hat
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write weights and JSON metadata to `directory` atomically; return the directory.
+
+        Files are written to a temporary sibling directory that is renamed into place, so
+        `directory` never holds a half-written model. An existing saved model is replaced; any
+        other non-empty directory is refused.
+        """
+        directory = Path(directory)
+        is_model = (directory / MODEL_FILE).is_file()
+        if (
+            directory.exists()
+            and not is_model
+            and (directory.is_file() or any(directory.iterdir()))
+        ):
+            raise InputError(
+                "refusing to overwrite a path that is not a saved melvae model",
+                where=str(directory),
+                fix="choose a new or empty directory",
+            )
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            torch.save(self.module.state_dict(), tmp / WEIGHTS_FILE)
+            (tmp / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "hyperparameters": self.hyperparameters,
+            "preprocessor": self.preprocessor.to_dict(),
+            "label_key": self.label_key,
+            "label_names": self.label_names,
+            "library_size": self.library_size,
+            "history": None if self.history is None else self.history.to_dict(),
+        }
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> MelVAE:
+        """Load a model written by `save`."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / MODEL_FILE).read_text())
+            state = torch.load(directory / WEIGHTS_FILE, weights_only=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise InputError(
+                f"cannot read a saved melvae model: {err}",
+                where=str(directory),
+                fix="pass a directory written by MelVAE.save",
+            ) from err
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(
+                f"unsupported model format {meta.get('format_version')!r}",
+                where=str(directory / MODEL_FILE),
+                fix=f"load it with the melvae version that wrote it (this reads {FORMAT_VERSION})",
+            )
+        hyperparameters = meta["hyperparameters"]
+        module = _new_module(hyperparameters, seed=0)
+        module.load_state_dict(state)
+        history = meta.get("history")
+        return cls(
+            module,
+            Preprocessor.from_dict(meta["preprocessor"]),
+            hyperparameters=hyperparameters,
+            label_key=meta.get("label_key"),
+            label_names=meta.get("label_names"),
+            library_size=meta.get("library_size"),
+            history=None if history is None else History.from_dict(history),
+        )
+
+
+def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
+    """Build the module with weights initialised from `seed`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VAEModule(
+            hyperparameters["n_genes"],
+            hyperparameters["hidden_dim"],
+            hyperparameters["latent_dim"],
+            hyperparameters["likelihood"],
+        )
+
+
+def _check_compatible(likelihood: str, transform: str) -> None:
+    allowed = COMPATIBLE_TRANSFORMS.get(likelihood)
+    if allowed is not None and transform not in allowed:
+        raise InputError(
+            f"the {likelihood} decoder cannot model {transform!r}-transformed data",
+            where="MelVAE.fit(likelihood=..., preprocess=...)",
+            fix=f"use transform {' or '.join(map(repr, allowed))} with {likelihood}, "
+            "or likelihood='gaussian'",
+        )
+
+
+def _label_names(adata: ad.AnnData, label_key: str | None) -> list[str]:
+    """Sorted distinct non-missing labels of the training cells ([] without a label key)."""
+    if label_key is None:
+        return []
+    if label_key not in adata.obs:
+        raise InputError(
+            f"label column {label_key!r} not found in the training cells' obs",
+            where=f"obs columns: {', '.join(map(str, adata.obs.columns)) or '(none)'}",
+            fix="pass an existing obs column as label_key, or None",
+        )
+    return sorted(map(str, adata.obs[label_key].dropna().unique()))
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Move directory `src` to `dest`, replacing a previous `dest` without a half-written state."""
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+    os.replace(dest, old)
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
