@@ -1,0 +1,73 @@
+"""Shared fixtures: a loopback HTTP server and the shared real-data folder."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def unreachable_url() -> str:
+    """A loopback URL on a port that was just free, so connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Served:
+    """A folder served over HTTP on 127.0.0.1; ``requests`` lists the paths asked for."""
+
+    root: Path
+    url: str
+    server: http.server.ThreadingHTTPServer
+    requests: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Shut the server down (idempotent), e.g. to prove a later call needs no network."""
+        if self.server.socket.fileno() != -1:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Serve a fresh tmp folder (``.root``) at ``.url`` from a thread; stopped at teardown."""
+    root = tmp_path_factory.mktemp("served")
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            requests.append(self.path)
+
+        def log_message(self, *args: object) -> None:
+            """Keep test output quiet."""
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    served = Served(root, f"http://127.0.0.1:{server.server_address[1]}", server, requests)
+    yield served
+    served.stop()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared real-data folder (../shared/data from the repo root); skip when absent."""
+    path = Path(__file__).parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is not available")
+    return path
