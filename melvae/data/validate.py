@@ -1,0 +1,145 @@
+"""Checks between reading and preprocessing: fail early with an error the user can act on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from melvae.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_ROWS_PER_BLOCK = 2048
+
+
+def _first_offending(
+    x: object, is_bad: Callable[[np.ndarray], np.ndarray]
+) -> tuple[int, tuple[int, int, float] | None]:
+    """Count entries where ``is_bad`` holds and locate the first one (row, column, value).
+
+    Sparse matrices are checked on their stored values only (implicit zeros are never bad);
+    dense ones block by block, so no full-size boolean copy is made.
+    """
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        bad = is_bad(x.data)
+        count = int(np.count_nonzero(bad))
+        if not count:
+            return 0, None
+        k = int(np.argmax(bad))
+        row = int(np.searchsorted(x.indptr, k, side="right") - 1)
+        return count, (row, int(x.indices[k]), float(x.data[k]))
+    x = np.asarray(x)
+    count, first = 0, None
+    for start in range(0, x.shape[0], _ROWS_PER_BLOCK):
+        bad = is_bad(x[start : start + _ROWS_PER_BLOCK])
+        n = int(np.count_nonzero(bad))
+        if n and first is None:
+            i, j = np.argwhere(bad)[0]
+            first = (start + int(i), int(j), float(x[start + i, j]))
+        count += n
+    return count, first
+
+
+def _location(adata: ad.AnnData, source: str, row: int, col: int) -> str:
+    return (
+        f"{source}, cell {adata.obs_names[row]!r} (row {row + 1}), "
+        f"gene {adata.var_names[col]!r} (column {col + 1})"
+    )
+
+
+def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: bool) -> None:
+    """Raise InputError if X cannot be trained on: empty, non-numeric, NaN/inf, duplicate genes,
+    or negative values when the likelihood needs non-negative input."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            f"the expression matrix has {adata.n_obs} cells and {adata.n_vars} genes",
+            where=source,
+            fix="Check that the file holds the expression matrix; a CSV needs a header row "
+            "naming the genes and one row per cell.",
+        )
+    if not (np.issubdtype(adata.X.dtype, np.number) or adata.X.dtype == bool):
+        raise InputError(
+            f"the expression matrix has non-numeric type {adata.X.dtype}",
+            where=source,
+            fix="Store numeric expression values in X.",
+        )
+    duplicated = adata.var_names[adata.var_names.duplicated()]
+    if len(duplicated):
+        counts = pd.Series(adata.var_names).value_counts()
+        examples = ", ".join(f"{g!r} ×{counts[g]}" for g in pd.unique(duplicated)[:5])
+        raise InputError(
+            f"{len(pd.unique(duplicated))} gene name(s) occur more than once: {examples}",
+            where=f"{source}, gene names",
+            fix="Make gene names unique, e.g. sum or drop the repeated genes, or call "
+            "adata.var_names_make_unique() and save the file again.",
+        )
+    count, first = _first_offending(adata.X, lambda v: ~np.isfinite(v))
+    if first is not None:
+        row, col, value = first
+        raise InputError(
+            f"{count} expression value(s) are NaN or infinite; the first is {value} for cell "
+            f"{adata.obs_names[row]!r}, gene {adata.var_names[col]!r}",
+            where=_location(adata, source, row, col),
+            fix="Replace missing values (with 0 if they mean 'not detected') or remove the "
+            "affected cells or genes, then run again.",
+        )
+    if require_nonnegative:
+        count, first = _first_offending(adata.X, lambda v: v < 0)
+        if first is not None:
+            row, col, value = first
+            raise InputError(
+                f"{count} expression value(s) are negative, but the chosen likelihood needs "
+                f"non-negative input; the first is {value} for cell {adata.obs_names[row]!r}, "
+                f"gene {adata.var_names[col]!r}",
+                where=_location(adata, source, row, col),
+                fix="Give non-negative values (counts, TPM or log-normalised expression, e.g. "
+                "the .raw matrix instead of scaled or centred data), or choose the gaussian "
+                "likelihood, which accepts negative values.",
+            )
+
+
+def validate_labels(adata: ad.AnnData, label_key: str | None, *, source: str) -> str | None:
+    """Return the label column to use, or None (with a warning) when there is none.
+
+    Training works without labels; only the label-based metrics are skipped.
+    """
+    if label_key is None:
+        logger.warning("%s: no label column given; label metrics will be skipped", source)
+        return None
+    if label_key not in adata.obs:
+        logger.warning(
+            "%s has no obs column %r (columns: %s); training still works but label metrics "
+            "will be skipped",
+            source,
+            label_key,
+            ", ".join(map(str, adata.obs.columns)) or "none",
+        )
+        return None
+    labels = adata.obs[label_key]
+    present = labels[labels.notna()].astype(str)
+    present = present[present.str.strip() != ""]
+    classes = pd.unique(present)
+    if len(classes) < 2:
+        raise InputError(
+            f"the label column {label_key!r} has {len(classes)} distinct label(s)"
+            f"{' (' + repr(classes[0]) + ')' if len(classes) else ''}; label metrics need at "
+            "least 2 cell types",
+            where=f"{source}, obs column {label_key!r}",
+            fix="Give a label column with at least two cell types, or none to train without "
+            "label metrics.",
+        )
+    if len(present) < len(labels):
+        logger.info(
+            "%s: %d of %d cells have no %r label and are left out of label metrics",
+            source,
+            len(labels) - len(present),
+            len(labels),
+            label_key,
+        )
+    return label_key
