@@ -15,7 +15,6 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
 from melvae.errors import InputError
@@ -206,12 +205,9 @@ def _map_values(X: Matrix, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -
 def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocessor:
     """Fit the gene list and transform statistics on the training cells only.
 
-    Drops genes that are all-zero in `train`, then (if `config.n_top_genes` is set) keeps the
-    genes with the highest Seurat-style normalised dispersion: scanpy's `highly_variable_genes`
-    with `flavor="seurat"` (variance/mean, z-scored within 20 mean bins). That flavour undoes a
-    log with expm1, so it is given log1p(X): the dispersion is computed on the values as given,
-    which works for counts, TPM and log-normalised input alike without overflow. Exactly
-    `n_top_genes` genes are kept (ties broken by gene order), in their original order.
+    Drops genes that are all-zero in `train`, then (if `config.n_top_genes` is set) keeps exactly
+    `n_top_genes` genes with the highest normalised dispersion (see `normalized_dispersion`), in
+    their original order.
     """
     where = "training cells given to fit_preprocessor"
     if train.n_obs == 0 or train.n_vars == 0:
@@ -240,7 +236,8 @@ def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocesso
         offset, high = _column_min_max(X)
         scale = _nonzero_or_one(high - offset)
     elif config.scale:
-        scale = _nonzero_or_one(_column_std(Preprocessor(list(genes), "log1p").transform_matrix(X)))
+        log_x = Preprocessor(list(genes), "log1p").transform_matrix(X)
+        scale = _nonzero_or_one(np.sqrt(_column_mean_var(log_x)[1]))
     return Preprocessor(
         genes=[str(g) for g in genes], transform=config.transform, offset=offset, scale=scale
     )
@@ -248,10 +245,33 @@ def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocesso
 
 def _top_dispersion_genes(X: Matrix, n_top: int) -> np.ndarray:
     """Column positions (sorted) of the `n_top` genes with the highest normalised dispersion."""
-    log_x = _map_values(X, lambda v, _: np.log1p(v))
-    stats = sc.pp.highly_variable_genes(ad.AnnData(log_x), flavor="seurat", inplace=False)
-    dispersion = np.nan_to_num(stats["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
+    dispersion = np.nan_to_num(normalized_dispersion(X), nan=-np.inf)
     return np.sort(np.argsort(-dispersion, kind="stable")[:n_top])
+
+
+def normalized_dispersion(X: Matrix, *, n_bins: int = 20) -> np.ndarray:
+    """Seurat-style normalised dispersion per gene, computed on the values as given.
+
+    Same definition as scanpy's `highly_variable_genes(flavor="seurat")` applied to log1p(X):
+    log(variance / mean), z-scored among genes in the same of `n_bins` equal-width bins of
+    log1p(mean); a gene alone in its bin gets 1, a gene with zero variance NaN. Plain numpy on
+    purpose: scanpy's numba-parallel kernels start an OpenMP runtime whose threads then compete
+    with torch's and slowed later training about tenfold on two cores. Working on the values as
+    given (not expm1 of them) suits counts, TPM and log-normalised input without overflow.
+    """
+    mean, var = _column_mean_var(X, ddof=1)
+    mean = np.where(mean == 0, 1e-12, mean)
+    dispersion = var / mean
+    with np.errstate(divide="ignore"):
+        log_dispersion = pd.Series(np.where(dispersion > 0, np.log(dispersion), np.nan))
+    bins = pd.cut(np.log1p(mean), bins=n_bins)
+    grouped = log_dispersion.groupby(bins, observed=True)
+    avg, dev = grouped.transform("mean"), grouped.transform("std")
+    alone = dev.isna().to_numpy()
+    normalized = ((log_dispersion - avg) / dev).to_numpy()
+    normalized[alone] = 1.0
+    normalized[np.isnan(log_dispersion.to_numpy())] = np.nan
+    return normalized
 
 
 def _column_min_max(X: Matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -261,11 +281,14 @@ def _column_min_max(X: Matrix) -> tuple[np.ndarray, np.ndarray]:
     return dense(X.min(axis=0)), dense(X.max(axis=0))
 
 
-def _column_std(X: Matrix) -> np.ndarray:
-    squares = X.multiply(X) if sp.issparse(X) else np.square(X)
+def _column_mean_var(X: Matrix, *, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and variance in float64 (sparse input is never densified)."""
+    squares = X.multiply(X) if sp.issparse(X) else np.square(X, dtype=np.float64)
     mean = np.asarray(X.mean(axis=0, dtype=np.float64)).ravel()
     mean_sq = np.asarray(squares.mean(axis=0, dtype=np.float64)).ravel()
-    return np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
+    n = X.shape[0]
+    var = np.maximum(mean_sq - mean**2, 0.0) * (n / max(n - ddof, 1))
+    return mean, var
 
 
 def _nonzero_or_one(v: np.ndarray) -> np.ndarray:
