@@ -158,7 +158,7 @@ def evaluate_loss(
         with torch.no_grad():
             for xb in batches(x, batch_size):
                 parts = module.loss(xb, kl_weight, generator=generator)
-                totals += [float(p) * len(xb) for p in parts]
+                totals += [p.item() * len(xb) for p in parts]
     finally:
         module.train(was_training)
     return dict(zip(("loss", "recon", "kl"), (totals / x.shape[0]).tolist(), strict=True))
@@ -248,12 +248,12 @@ def _train_epoch(
         parts = module.loss(xb, kl_weight, generator=noise)
         if not torch.isfinite(parts.total):
             raise NonFiniteLossError(
-                epoch, "training", {k: float(v) for k, v in parts._asdict().items()}
+                epoch, "training", {k: v.item() for k, v in parts._asdict().items()}
             )
         optimizer.zero_grad()
         parts.total.backward()
         optimizer.step()
-        totals += [float(p) * len(xb) for p in parts]
+        totals += [p.item() * len(xb) for p in parts]
     return dict(zip(("loss", "recon", "kl"), (totals / x.shape[0]).tolist(), strict=True))
 
 
