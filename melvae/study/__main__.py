@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, help="cap every trial's epochs (quick runs)")
     run.add_argument("--data", type=Path, help="train on this .h5ad/.csv instead")
     run.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
-    create = command("create", _create, "create the study once, before parallel workers start")
+    create = command(
+        "create", _create, "create the study and experiment once, before parallel workers start"
+    )
     create.add_argument("--data", type=Path, help="the .h5ad/.csv the workers will use")
     for name, handler, text in (
         ("best", _best, "print the best trial and its MLflow run"),
@@ -102,7 +104,11 @@ def _create(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
     data = prepare_data(config, data_path=args.data)
     study = create_study(config, data.dataset_key, args.storage)
+    # The MLflow backend too: workers creating a fresh SQLite schema at once race the same way.
+    uri = track.use_backend(args.tracking_uri)
+    experiment_id = track.ensure_experiment(study.study_name, uri)
     print(f"study {study.study_name!r} ready in {args.storage} ({len(study.trials)} trials)")
+    print(f"MLflow experiment {experiment_id} ready in {uri}")
     return 0
 
 

@@ -1,0 +1,272 @@
+"""End to end: `melvae.study run` → Optuna trials → MLflow runs → registry → load_model."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+import melvae
+from melvae.errors import InputError
+from melvae.study.__main__ import main
+from melvae.study.config import DEFAULT_STUDY, load_study_config
+from melvae.study.runner import run_study
+from melvae.train import NonFiniteLossError
+from tests.test_config import DOCUMENTED_EXPERIMENTS
+
+EPOCH_METRICS = {"train_loss", "val_loss", "train_recon", "train_kl", "val_recon", "val_kl"}
+FINAL_METRICS = {
+    "silhouette",
+    "davies_bouldin",
+    "knn_accuracy",
+    "knn_macro_f1",
+    "ari",
+    "nmi",
+    "recon_corr",
+}
+STUDY = "melanoma-vae-pbmc68k_reduced"
+TRACKING = "sqlite:///mlruns/mlflow.db"
+STORAGE = "sqlite:///mlruns/optuna.db"
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/geo/"
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
+    """A working directory of its own, a private cache, and a GEO that cannot be reached."""
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MELVAE_DATA_DIR", str(workdir / "cache"))
+    monkeypatch.setenv("MELVAE_GEO_URL", _closed_port_url())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """One offline default study of four 3-epoch trials, run through the CLI, then resumed."""
+    workdir = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _offline(monkeypatch, workdir)
+        first = main(["run", "--n-trials", "4", "--epochs", "3", "--quiet"])
+        study_after_first = optuna.load_study(study_name=STUDY, storage=STORAGE)
+        trials_after_first = len(study_after_first.trials)
+        resumed = main(["run", "--n-trials", "1", "--epochs", "3", "--quiet"])
+        mlflow.set_tracking_uri(TRACKING)
+        mlflow.set_registry_uri(TRACKING)
+        yield {
+            "workdir": workdir,
+            "exit_codes": (first, resumed),
+            "trials_after_first": trials_after_first,
+            "study": optuna.load_study(study_name=STUDY, storage=STORAGE),
+            "monkeypatch": monkeypatch,
+        }
+
+
+def _runs(experiment_name: str) -> pd.DataFrame:
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    return mlflow.search_runs([experiment.experiment_id], output_format="pandas")
+
+
+def test_study_runs_offline_on_the_announced_fallback(finished_study):
+    assert finished_study["exit_codes"] == (0, 0)
+    runs = _runs(STUDY)
+    parents = runs[runs["tags.role"] == "study-run"]
+    assert len(parents) == 2
+    assert set(parents["tags.dataset_fallback"]) == {"true"}
+    assert parents["tags.fallback_reason"].str.len().min() > 0
+    assert set(parents["params.requested_dataset"]) == {"gse115978_reference"}
+
+
+def test_seed_trials_come_first_exactly_and_are_not_repeated_on_resume(finished_study):
+    study = finished_study["study"]
+    assert finished_study["trials_after_first"] == 4
+    assert len(study.trials) == 5
+    for trial, expected in zip(study.trials[:3], DOCUMENTED_EXPERIMENTS, strict=True):
+        searched = {key: value for key, value in expected.items() if key != "batch_size"}
+        assert trial.params == searched
+        assert trial.user_attrs["seed_trial"] is True
+    assert not any(t.user_attrs.get("seed_trial") for t in study.trials[3:])
+
+
+def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(finished_study):
+    runs = _runs(STUDY)
+    trials = runs[runs["tags.mlflow.runName"].str.startswith("trial-")]
+    assert sorted(trials["tags.mlflow.runName"]) == [f"trial-{i}" for i in range(5)]
+    assert trials["tags.mlflow.parentRunId"].notna().all()
+    client = mlflow.MlflowClient()
+    for _, run in trials.iterrows():
+        assert run["status"] == "FINISHED"
+        history = client.get_metric_history(run["run_id"], "val_loss")
+        assert [m.step for m in history] == [0, 1, 2]
+        assert {
+            col.removeprefix("metrics.") for col in run.index if pd.notna(run[col])
+        } >= EPOCH_METRICS | FINAL_METRICS
+        assert -1 <= run["metrics.silhouette"] <= 1
+        assert 0 <= run["metrics.knn_accuracy"] <= 1
+        assert run["params.hidden_dim"] in {"64", "128", "256", "512"}
+        assert run["params.preprocess.transform"] == "minmax"
+        artifacts = {a.path for a in client.list_artifacts(run["run_id"], "plots")}
+        assert artifacts == {"plots/loss.png", "plots/tsne.png"}
+    parent = runs[runs["tags.role"] == "study-run"].iloc[0]
+    assert {"metrics.objective", "metrics.test_silhouette", "metrics.test_knn_accuracy"} <= set(
+        runs.columns
+    )
+    parent_plots = {a.path for a in client.list_artifacts(parent["run_id"], "plots")}
+    assert "plots/optimization_history.png" in parent_plots
+
+
+def test_best_trial_is_champion_and_loads_for_embedding(finished_study):
+    study = finished_study["study"]
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
+    assert float(champion.tags["objective_value"]) == pytest.approx(study.best_value)
+    assert champion.tags["trial_number"] == str(study.best_trial.number)
+
+    model = melvae.load_model("models:/melvae-pbmc68k_reduced@champion")
+    from melvae.data.datasets import load_dataset
+
+    cells = load_dataset("pbmc68k_reduced").adata[:50].copy()
+    latent = model.encode(cells)
+    assert latent.shape == (50, study.best_trial.params["latent_dim"])
+    assert np.isfinite(latent).all()
+    model.embed(cells)
+    np.testing.assert_allclose(cells.obsm["X_melvae"], latent)
+
+    pyfunc = mlflow.pyfunc.load_model("models:/melvae-pbmc68k_reduced@champion")
+    frame = pd.DataFrame(cells[:, model.genes].X.toarray(), columns=model.genes)
+    np.testing.assert_allclose(pyfunc.predict(frame).to_numpy(), latent[:, :], rtol=1e-5)
+
+    partial = cells[:, cells.var_names[: int(0.8 * cells.n_vars)]].copy()
+    assert model.encode(partial).shape == latent.shape
+    with pytest.raises(InputError, match=r"overlap|genes"):
+        model.encode(cells[:, cells.var_names[:10]].copy())
+
+
+def test_best_and_promote_commands_report_the_champion(finished_study, capsys):
+    assert main(["best"]) == 0
+    out = capsys.readouterr().out
+    assert f"best trial {finished_study['study'].best_trial.number}" in out
+    assert "MLflow run:" in out
+    assert main(["promote"]) == 0
+    assert "not better than @champion" in capsys.readouterr().out
+
+
+def test_unknown_model_uri_is_a_clear_error(finished_study):
+    with pytest.raises(InputError, match="could not be loaded"):
+        melvae.load_model("models:/melvae-nothing@champion")
+
+
+def test_ui_serves_the_study_page(finished_study):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "melvae.study", "ui"],
+        cwd=finished_study["workdir"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first_line = process.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/#/experiments/\d+", first_line)
+        assert url, first_line
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url.group(1)}/health", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "MLflow UI did not start"
+                time.sleep(1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _quick_config(tmp_path: Path, **replacements: str) -> Path:
+    text = DEFAULT_STUDY.read_text()
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    path = tmp_path / "quick.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_non_finite_loss_fails_that_trial_only(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    from melvae.model import MelVAE
+
+    real_fit = MelVAE.fit.__func__
+    calls = {"n": 0}
+
+    def flaky_fit(cls, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise NonFiniteLossError(0, "training", {"total": float("nan")})
+        return real_fit(cls, *args, **kwargs)
+
+    monkeypatch.setattr(MelVAE, "fit", classmethod(flaky_fit))
+    config = load_study_config(_quick_config(tmp_path, **{'name = "melanoma-vae"': 'name = "nan"'}))
+    outcome = run_study(config, n_trials=2, epochs_cap=2, progress=False)
+    states = [t.state for t in outcome.study.trials[:2]]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert "nan" in outcome.study.trials[0].user_attrs["fail_reason"]
+    runs = _runs("nan-pbmc68k_reduced").set_index("tags.mlflow.runName")
+    assert runs.loc["trial-0", "status"] == "FAILED"
+    assert "NonFiniteLossError" in runs.loc["trial-0", "tags.failure_reason"]
+    assert outcome.registration is not None
+
+
+def test_a_pruned_trial_is_tagged_pruned(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    config = load_study_config(_quick_config(tmp_path, **{'name = "melanoma-vae"': 'name = "pr"'}))
+    outcome = run_study(config, n_trials=2, epochs_cap=2, progress=False)
+    assert outcome.study.trials[1].state == optuna.trial.TrialState.PRUNED
+    runs = _runs("pr-pbmc68k_reduced").set_index("tags.mlflow.runName")
+    assert runs.loc["trial-1", "tags.pruned"] == "true"
+    assert runs.loc["trial-1", "status"] == "KILLED"
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch, tmp_path)
+    bad = tmp_path / "cells.csv"
+    bad.write_text(",GENE_A,GENE_B,label\ncell1,1.0,2.0,T\ncell2,1.0,nan,B\ncell3,3.0,1.0,T\n")
+    assert main(["run", "--data", str(bad), "--n-trials", "1", "--epochs", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "cells.csv" in error
+    assert "what to do" in error
+    assert not (tmp_path / "mlruns").exists() or not any((tmp_path / "mlruns").iterdir())
+
+
+@pytest.fixture
+def tcell_subset(shared_data) -> Path:
+    path = shared_data / "sadefeldman2018_gse120575_tcells_subset.h5ad"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+def test_a_study_trains_on_the_real_melanoma_t_cells(tmp_path, monkeypatch, tcell_subset):
+    _offline(monkeypatch, tmp_path)
+    config = load_study_config(
+        _quick_config(tmp_path, **{"n_top_genes = 2000": "n_top_genes = 1000"})
+    )
+    outcome = run_study(config, data_path=tcell_subset, n_trials=1, epochs_cap=20, progress=False)
+    trial = outcome.study.best_trial
+    assert outcome.study.study_name == "melanoma-vae-sadefeldman2018_gse120575_tcells_subset"
+    assert trial.params["latent_dim"] == 2
+    assert 0 < trial.user_attrs["recon_corr"] <= 1
+    # Eight author clusters, the largest 26 %: k-NN in the latent must beat guessing the majority.
+    assert trial.user_attrs["knn_accuracy"] > 0.3
