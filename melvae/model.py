@@ -220,6 +220,7 @@ class MelVAE:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
             torch.save(self.module.state_dict(), tmp / WEIGHTS_FILE)
             (tmp / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
             _replace_dir(tmp, directory)
