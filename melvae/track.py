@@ -41,8 +41,8 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
 
 
 @contextlib.contextmanager
-def parent_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """One run per `melvae.study run` invocation; trial runs nest under it."""
+def top_level_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """A run of its own: one per `study run` (trial runs nest under it) or per analysis."""
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
         yield run.info.run_id
 
@@ -101,8 +101,9 @@ def log_file(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_text(text: str, artifact_file: str) -> None:
-    mlflow.log_text(text, artifact_file)
+def log_folder(path: Path) -> None:
+    """Every file of a folder as artifacts of the active run."""
+    mlflow.log_artifacts(str(path))
 
 
 def experiment_url(ui_base: str, experiment_id: str) -> str:

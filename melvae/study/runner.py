@@ -176,6 +176,12 @@ def run_study(
     """
     started = time.perf_counter()
     data = prepare_data(config, data_path=data_path, base_url=base_url)
+    if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
+        raise InputError(
+            f"objective {config.objective!r} needs cell-type labels and the data has none",
+            where=f"{config.path} [objective] metric",
+            fix="use metric = \"val_loss\", or give data with a label column",
+        )
     study = create_study(config, data.dataset_key, storage)
     tracking_uri = track.use_backend(tracking_uri)
     experiment_id = track.ensure_experiment(study.study_name, tracking_uri)
@@ -183,7 +189,7 @@ def run_study(
     if data.fallback_reason is not None:
         tags |= {"dataset_fallback": "true", "fallback_reason": data.fallback_reason}
     run_name = time.strftime("run-%Y%m%d-%H%M%S")
-    with track.parent_run(experiment_id, run_name=run_name, tags=tags) as parent_id:
+    with track.top_level_run(experiment_id, run_name=run_name, tags=tags) as parent_id:
         track.log_params(_data_params(config, data, storage))
         track.log_file(config.path, "study")
         objective = Objective(
