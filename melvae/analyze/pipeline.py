@@ -1,0 +1,414 @@
+"""Analyse a registered model: transfer cell types, interpret latent dimensions, enrich pathways.
+
+`analyze(...)` is the Python API behind `python -m melvae.analyze`. It reads the model and the
+cells, computes everything, writes the output folder in one move (a failure leaves no partial
+folder) and logs the same files to MLflow as one run linked to the model version it used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import mlflow
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+
+from melvae import track
+from melvae.analyze import plot as analysis_plots
+from melvae.analyze.enrichment import enrich_table
+from melvae.analyze.genesets import load_libraries
+from melvae.analyze.interpret import (
+    decoder_response,
+    dimension_ends,
+    dimension_names,
+    latent_correlation,
+    top_genes,
+)
+from melvae.analyze.report import render_report
+from melvae.analyze.transfer import UNASSIGNED, transfer_labels, transfer_metrics
+from melvae.data.datasets import load_dataset
+from melvae.errors import InputError
+from melvae.plot import tsne_coordinates
+from melvae.preprocess import split_cells
+from melvae.register import load_model, model_name
+from melvae.study.config import DEFAULT_STUDY, load_study_config
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMN = "melvae_label"
+CONFIDENCE_COLUMN = "melvae_confidence"
+DEFAULT_GENESETS = ("reactome", "kegg")
+_SCIBET_QUERY = {"gse115978_reference": "gse115978_query"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: registry name/version and the trial run that trained it."""
+
+    uri: str
+    name: str | None
+    version: str | None
+    trial_run_id: str | None
+    experiment_id: str | None
+    run_params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What `analyze` produced: the output folder, transfer metrics and the MLflow run."""
+
+    out: Path
+    transfer_metrics: dict[str, Any] | None
+    enrichment: pd.DataFrame
+    latent_genes: pd.DataFrame
+    reference: ad.AnnData
+    query: ad.AnnData
+    run_id: str | None
+
+
+def default_model_uri(study_file: Path = DEFAULT_STUDY) -> str:
+    """The default study's champion: on its dataset if registered, else on its fallback."""
+    config = load_study_config(study_file)
+    client = mlflow.MlflowClient()
+    for key in (config.dataset, config.fallback):
+        if key is None:
+            continue
+        try:
+            client.get_model_version_by_alias(model_name(key), "champion")
+        except MlflowException:
+            continue
+        return f"models:/{model_name(key)}@champion"
+    raise InputError(
+        "the default study has no champion model yet",
+        where=f"tracking backend {mlflow.get_tracking_uri()}",
+        fix="run `python -m melvae.study run` first, or pass --model URI",
+    )
+
+
+def resolve_source(uri: str) -> ModelSource:
+    """Registry metadata of `models:/name@alias` or `models:/name/version` (empty otherwise)."""
+    client = mlflow.MlflowClient()
+    target = uri.removeprefix("models:/")
+    name = version = None
+    try:
+        if "@" in target:
+            name, alias = target.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif target.count("/") == 1:
+            name, number = target.split("/")
+            version = client.get_model_version(name, number)
+    except MlflowException:
+        version = None
+    if version is None:
+        return ModelSource(uri, name, None, None, None, {})
+    run_id = version.tags.get("run_id") or version.run_id
+    run = client.get_run(run_id) if run_id else None
+    return ModelSource(
+        uri=uri,
+        name=name,
+        version=str(version.version),
+        trial_run_id=run_id,
+        experiment_id=run.info.experiment_id if run else None,
+        run_params=dict(run.data.params) if run else {},
+    )
+
+
+def default_cells(source: ModelSource) -> tuple[ad.AnnData, ad.AnnData, str | None]:
+    """The model's own data: its training split as reference, held-out cells as query.
+
+    For GSE115978 the query is the SciBet-style query set (immune + Neg.cell).
+    """
+    params = source.run_params
+    key = params.get("dataset")
+    if not key:
+        raise InputError(
+            f"cannot tell which dataset trained {source.uri}",
+            where="the model's MLflow run parameters",
+            fix="pass --reference and --query files",
+        )
+    label_key = params.get("label_key") or None
+    if label_key == "None":
+        label_key = None
+    if key in _SCIBET_QUERY:
+        return load_dataset(key).adata, load_dataset(_SCIBET_QUERY[key]).adata, label_key
+    adata = load_dataset(key).adata
+    if label_key is not None:
+        adata = adata[adata.obs[label_key].notna()].copy()
+    splits = split_cells(
+        adata,
+        label_key,
+        val_fraction=float(params["preprocess.val_fraction"]),
+        test_fraction=float(params["preprocess.test_fraction"]),
+        seed=int(params["preprocess.seed"]),
+    )
+    return adata[splits["train"]].copy(), adata[splits["test"]].copy(), label_key
+
+
+def _read_cells(path: Path | None) -> tuple[ad.AnnData, str | None] | None:
+    if path is None:
+        return None
+    dataset = load_dataset(str(path))
+    return dataset.adata, dataset.label_key
+
+
+def marker_genes(
+    expression: np.ndarray, groups: np.ndarray, genes: Sequence[str], *, n: int = 100
+) -> dict[str, list[str]]:
+    """Top up-regulated genes of each group against all other cells (Welch t statistic).
+
+    Groups with fewer than 3 cells and `UNASSIGNED` cells get no markers (the rest still
+    count as background for the others). Numpy only: scanpy's numba kernels leave OpenMP
+    threads spinning that slow later torch work on small machines.
+    """
+    expression = np.asarray(expression, dtype=np.float64)
+    groups = np.asarray(groups).astype(str)
+    markers: dict[str, list[str]] = {}
+    for group in sorted(set(groups) - {UNASSIGNED}):
+        inside = groups == group
+        if inside.sum() < 3 or (~inside).sum() < 3:
+            continue
+        a, b = expression[inside], expression[~inside]
+        spread = np.sqrt(a.var(axis=0, ddof=1) / len(a) + b.var(axis=0, ddof=1) / len(b))
+        t = (a.mean(axis=0) - b.mean(axis=0)) / np.where(spread > 0, spread, np.inf)
+        order = np.argsort(-t)[:n]
+        markers[group] = [genes[i] for i in order if t[i] > 0]
+    return markers
+
+
+def analyze(
+    model_uri: str | None = None,
+    *,
+    reference: Path | None = None,
+    query: Path | None = None,
+    label_key: str | None = None,
+    genesets: Sequence[str] = DEFAULT_GENESETS,
+    out: Path = Path("analysis"),
+    tracking_uri: str | None = None,
+    method: str = "knn",
+    threshold: float = 0.5,
+    n_genes: int = 100,
+    log_to_mlflow: bool = True,
+) -> AnalysisResult:
+    """Run the whole analysis; see the module docstring. Returns what it wrote."""
+    track.use_backend(tracking_uri)
+    uri = model_uri or default_model_uri()
+    model = load_model(uri, tracking_uri=tracking_uri)
+    source = resolve_source(uri)
+    libraries = load_libraries(list(genesets))
+    ref_cells, query_cells, key = _cells(source, reference, query, label_key)
+
+    ref_latent = model.embed(ref_cells).obsm["X_melvae"]
+    query_latent = model.embed(query_cells).obsm["X_melvae"]
+    ref_labels = ref_cells.obs.get(key)
+    if ref_labels is None:
+        raise InputError(
+            f"the reference has no label column {key!r}",
+            where="reference cells",
+            fix="pass --label-key naming the reference's cell-type column",
+        )
+    transfer = transfer_labels(
+        ref_latent,
+        ref_labels.to_numpy(),
+        query_latent,
+        method=method,
+        threshold=threshold,
+        query_names=list(query_cells.obs_names),
+    )
+    query_cells.obs[LABEL_COLUMN] = pd.Categorical(transfer.table["predicted"])
+    query_cells.obs[CONFIDENCE_COLUMN] = transfer.table["confidence"].to_numpy()
+    query_labels = query_cells.obs.get(key)
+    metrics = None
+    if query_labels is None:
+        log.warning("the query has no %r column: transfer metrics are skipped", key)
+    else:
+        metrics = transfer_metrics(
+            query_labels.to_numpy(), transfer.table["predicted"], reference_classes=transfer.classes
+        )
+
+    response = decoder_response(model, ref_cells)
+    ref_x, _ = model.reconstruct(ref_cells)
+    correlation = latent_correlation(ref_latent, ref_x, model.genes)
+    tops = top_genes(response, n=n_genes)
+    queries = {f"{dim}:{way}": genes for dim, ends in tops.items() for way, genes in ends.items()}
+    query_x, _ = model.reconstruct(query_cells)
+    markers = marker_genes(
+        query_x, query_cells.obs[LABEL_COLUMN].to_numpy(), model.genes, n=n_genes
+    )
+    queries |= {f"{group}:markers": genes for group, genes in markers.items()}
+    enrichment = enrich_table(queries, libraries, model.genes)
+    ends = dimension_ends(ref_latent, ref_labels.to_numpy())
+
+    figures = _figures(ref_cells, query_cells, key, transfer.classes, response, enrichment)
+    tables = {
+        "transfer.tsv": transfer.table,
+        "latent_genes.tsv": _latent_genes_table(response, correlation),
+        "enrichment.tsv": enrichment,
+        "dimension_ends.tsv": ends,
+    }
+    summary = {
+        "model": uri,
+        "model_version": source.version,
+        "trained_by_run": source.trial_run_id,
+        "reference_cells": ref_cells.n_obs,
+        "query_cells": query_cells.n_obs,
+        "genes": len(model.genes),
+        "latent_dimensions": ref_latent.shape[1],
+        "gene_set_libraries": ", ".join(lib.name for lib in libraries),
+    }
+    html = render_report(
+        title=f"melvae analysis of {uri}",
+        summary=summary,
+        transfer=metrics,
+        figures=figures,
+        top_genes=tops,
+        dimension_ends=ends,
+        enrichment=enrichment,
+    )
+    _write_outputs(out, tables, metrics, figures, html)
+    run_id = _log_run(out, source, metrics) if log_to_mlflow else None
+    return AnalysisResult(
+        out=out,
+        transfer_metrics=metrics,
+        enrichment=enrichment,
+        latent_genes=response,
+        reference=ref_cells,
+        query=query_cells,
+        run_id=run_id,
+    )
+
+
+def _cells(
+    source: ModelSource, reference: Path | None, query: Path | None, label_key: str | None
+) -> tuple[ad.AnnData, ad.AnnData, str]:
+    given_ref, given_query = _read_cells(reference), _read_cells(query)
+    if given_ref is None or given_query is None:
+        default_ref, default_query, default_key = default_cells(source)
+        given_ref = given_ref or (default_ref, default_key)
+        given_query = given_query or (default_query, default_key)
+    key = label_key or given_ref[1] or given_query[1]
+    if key is None:
+        raise InputError(
+            "no cell-type label column is known for the reference",
+            where="reference cells",
+            fix="pass --label-key naming the reference's cell-type column",
+        )
+    return given_ref[0].copy(), given_query[0].copy(), key
+
+
+def _latent_genes_table(response: pd.DataFrame, correlation: pd.DataFrame) -> pd.DataFrame:
+    """Genes × (dimension, view): decoder response and latent–expression correlation."""
+    return (
+        pd.concat({"response": response, "correlation": correlation}, axis=1)
+        .swaplevel(axis=1)
+        .sort_index(axis=1, level=0, sort_remaining=False)
+    )
+
+
+def _figures(
+    ref_cells: ad.AnnData,
+    query_cells: ad.AnnData,
+    key: str,
+    classes: list[str],
+    response: pd.DataFrame,
+    enrichment: pd.DataFrame,
+    max_tsne_cells: int = 3000,
+) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    if key in query_cells.obs:
+        figures["confusion_matrix.png"] = analysis_plots.confusion_matrix(
+            query_cells.obs[key].to_numpy(),
+            query_cells.obs[LABEL_COLUMN].to_numpy(),
+            classes=classes,
+        )
+    figures["latent_genes_heatmap.png"] = analysis_plots.latent_gene_heatmap(response)
+    if not enrichment.empty:
+        figures["enrichment_dotplot.png"] = analysis_plots.enrichment_dotplot(enrichment)
+    both = ad.concat({"reference": ref_cells, "query": query_cells}, label="set", join="inner")
+    both.obs[LABEL_COLUMN] = np.concatenate(
+        [np.full(ref_cells.n_obs, "(reference)"), query_cells.obs[LABEL_COLUMN].astype(str)]
+    )
+    if both.n_obs > max_tsne_cells:
+        rng = np.random.default_rng(0)
+        both = both[np.sort(rng.choice(both.n_obs, max_tsne_cells, replace=False))]
+    latent = both.obsm["X_melvae"]
+    coords = tsne_coordinates(latent)
+    colour_by: dict[str, np.ndarray] = {
+        "true label": both.obs[key].astype(str).to_numpy() if key in both.obs else None,
+        "reference / query": both.obs["set"].astype(str).to_numpy(),
+        "prediction (query)": both.obs[LABEL_COLUMN].to_numpy(),
+    }
+    colour_by = {name: values for name, values in colour_by.items() if values is not None}
+    colour_by |= {dim: latent[:, i] for i, dim in enumerate(dimension_names(latent.shape[1]))}
+    figures["tsne.png"] = analysis_plots.tsne_panels(coords, colour_by=colour_by)
+    return figures
+
+
+def _write_outputs(
+    out: Path,
+    tables: dict[str, pd.DataFrame],
+    metrics: dict[str, Any] | None,
+    figures: dict[str, Figure],
+    html: str,
+) -> None:
+    """Write everything into a sibling temp folder, then swap it in: no partial output folder."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)
+    try:
+        for name, table in tables.items():
+            table.to_csv(staging / name, sep="\t")
+        (staging / "transfer_metrics.json").write_text(
+            json.dumps(
+                metrics if metrics is not None else {"skipped": "query has no labels"}, indent=2
+            )
+        )
+        for name, figure in figures.items():
+            figure.savefig(staging / name, dpi=120, bbox_inches="tight")
+        (staging / "report.html").write_text(html)
+        if out.exists():
+            retired = out.with_name(f".{out.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            out.rename(retired)
+            staging.rename(out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _log_run(out: Path, source: ModelSource, metrics: dict[str, Any] | None) -> str:
+    """One MLflow run holding the analysis, tagged with the model version it used."""
+    experiment_id = source.experiment_id or track.ensure_experiment(
+        "melvae-analysis", mlflow.get_tracking_uri()
+    )
+    name = f"analysis-{source.name or 'model'}-v{source.version or '?'}"
+    tags = {
+        "role": "analysis",
+        "model_uri": source.uri,
+        "model_version": source.version or "",
+        "trained_by_run": source.trial_run_id or "",
+    }
+    with track.top_level_run(experiment_id, run_name=name, tags=tags) as run_id:
+        if metrics is not None:
+            track.log_metrics(
+                {
+                    f"transfer_{key}": value
+                    for key, value in metrics.items()
+                    if isinstance(value, float)
+                }
+            )
+        track.log_folder(out)
+        return run_id
