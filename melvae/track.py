@@ -37,7 +37,12 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:///"):
         root = Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
         artifact_location = root.as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    # The kind tag opens the UI on training runs rather than its GenAI trace overview.
+    return mlflow.create_experiment(
+        name,
+        artifact_location=artifact_location,
+        tags={"mlflow.experimentKind": "custom_model_development"},
+    )
 
 
 @contextlib.contextmanager
@@ -108,4 +113,4 @@ def log_folder(path: Path) -> None:
 
 def experiment_url(ui_base: str, experiment_id: str) -> str:
     """Address of an experiment's runs page in the MLflow UI."""
-    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs"

@@ -178,7 +178,7 @@ def test_ui_serves_the_study_page(finished_study):
     )
     try:
         first_line = process.stdout.readline()
-        url = re.search(r"(http://127\.0\.0\.1:\d+)/#/experiments/\d+", first_line)
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/#/experiments/\d+/runs", first_line)
         assert url, first_line
         deadline = time.monotonic() + 90
         while True:

@@ -81,6 +81,8 @@ def render_report(
         for name, figure in figures.items()
     )
     leading = enrichment.sort_values("fdr").head(n_terms) if not enrichment.empty else enrichment
+    if not leading.empty:  # the full gene lists are in enrichment.tsv
+        leading = leading.assign(genes=leading["genes"].str.split(",").str[:8].str.join(", "))
     summary_table = pd.DataFrame({"value": {k: str(v) for k, v in summary.items()}})
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
