@@ -124,6 +124,7 @@ def test_rare_reference_classes_are_warned_about(caplog: pytest.LogCaptureFixtur
         ({"reference_labels": ["unassigned"] * 90}, "reserved"),
         ({"reference_labels": ["A"] * 90}, "at least 2 classes"),
         ({"query_latent": np.full((1, 2), np.nan)}, "NaN"),
+        ({"query_latent": np.zeros((0, 2))}, "no cells"),
     ],
 )
 def test_bad_input_is_refused(kwargs: dict, message: str) -> None:

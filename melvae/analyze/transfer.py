@@ -101,7 +101,7 @@ def transfer_labels(
         raise InputError(
             f"distance_quantile must be in (0, 1] or None, got {distance_quantile}",
             where="transfer_labels(distance_quantile=...)",
-            fix="pass e.g. 0.99, or None to skip the out-of-distribution check",
+            fix="pass e.g. 0.95, or None to skip the out-of-distribution check",
         )
     x_ref, y_ref = _reference(reference_latent, reference_labels)
     x_query = _latent(query_latent, "query latent")
@@ -110,6 +110,12 @@ def transfer_labels(
             f"reference latent has {x_ref.shape[1]} dimensions, query latent {x_query.shape[1]}",
             where="transfer_labels",
             fix="encode reference and query with the same model",
+        )
+    if x_query.shape[0] == 0:
+        raise InputError(
+            "the query has no cells",
+            where="transfer_labels(query_latent=...)",
+            fix="pass the latent means of at least one query cell",
         )
     if query_names is not None and len(query_names) != x_query.shape[0]:
         raise InputError(
