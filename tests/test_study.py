@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import melvae
+from melvae import track
 from melvae.errors import InputError
 from melvae.study.__main__ import main
 from melvae.study.config import DEFAULT_STUDY, load_study_config
@@ -35,8 +36,6 @@ FINAL_METRICS = {
     "recon_corr",
 }
 STUDY = "melanoma-vae-pbmc68k_reduced"
-TRACKING = "sqlite:///mlruns/mlflow.db"
-STORAGE = "sqlite:///mlruns/optuna.db"
 
 
 def _closed_port_url() -> str:
@@ -60,19 +59,24 @@ def finished_study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     with pytest.MonkeyPatch.context() as monkeypatch:
         _offline(monkeypatch, workdir)
+        storage = f"sqlite:///{workdir}/mlruns/optuna.db"
         first = main(["run", "--n-trials", "4", "--epochs", "3", "--quiet"])
-        study_after_first = optuna.load_study(study_name=STUDY, storage=STORAGE)
-        trials_after_first = len(study_after_first.trials)
+        trials_after_first = len(optuna.load_study(study_name=STUDY, storage=storage).trials)
         resumed = main(["run", "--n-trials", "1", "--epochs", "3", "--quiet"])
-        mlflow.set_tracking_uri(TRACKING)
-        mlflow.set_registry_uri(TRACKING)
         yield {
             "workdir": workdir,
             "exit_codes": (first, resumed),
             "trials_after_first": trials_after_first,
-            "study": optuna.load_study(study_name=STUDY, storage=STORAGE),
-            "monkeypatch": monkeypatch,
+            "study": optuna.load_study(study_name=STUDY, storage=storage),
         }
+
+
+@pytest.fixture
+def tracked(finished_study, monkeypatch):
+    """The finished study's folder as working directory and its MLflow backend as current."""
+    _offline(monkeypatch, finished_study["workdir"])
+    track.use_backend()
+    return finished_study
 
 
 def _runs(experiment_name: str) -> pd.DataFrame:
@@ -80,8 +84,8 @@ def _runs(experiment_name: str) -> pd.DataFrame:
     return mlflow.search_runs([experiment.experiment_id], output_format="pandas")
 
 
-def test_study_runs_offline_on_the_announced_fallback(finished_study):
-    assert finished_study["exit_codes"] == (0, 0)
+def test_study_runs_offline_on_the_announced_fallback(tracked):
+    assert tracked["exit_codes"] == (0, 0)
     runs = _runs(STUDY)
     parents = runs[runs["tags.role"] == "study-run"]
     assert len(parents) == 2
@@ -90,9 +94,9 @@ def test_study_runs_offline_on_the_announced_fallback(finished_study):
     assert set(parents["params.requested_dataset"]) == {"gse115978_reference"}
 
 
-def test_seed_trials_come_first_exactly_and_are_not_repeated_on_resume(finished_study):
-    study = finished_study["study"]
-    assert finished_study["trials_after_first"] == 4
+def test_seed_trials_come_first_exactly_and_are_not_repeated_on_resume(tracked):
+    study = tracked["study"]
+    assert tracked["trials_after_first"] == 4
     assert len(study.trials) == 5
     for trial, expected in zip(study.trials[:3], DOCUMENTED_EXPERIMENTS, strict=True):
         searched = {key: value for key, value in expected.items() if key != "batch_size"}
@@ -101,7 +105,7 @@ def test_seed_trials_come_first_exactly_and_are_not_repeated_on_resume(finished_
     assert not any(t.user_attrs.get("seed_trial") for t in study.trials[3:])
 
 
-def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(finished_study):
+def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(tracked):
     runs = _runs(STUDY)
     trials = runs[runs["tags.mlflow.runName"].str.startswith("trial-")]
     assert sorted(trials["tags.mlflow.runName"]) == [f"trial-{i}" for i in range(5)]
@@ -128,8 +132,8 @@ def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(finish
     assert "plots/optimization_history.png" in parent_plots
 
 
-def test_best_trial_is_champion_and_loads_for_embedding(finished_study):
-    study = finished_study["study"]
+def test_best_trial_is_champion_and_loads_for_embedding(tracked):
+    study = tracked["study"]
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
     assert float(champion.tags["objective_value"]) == pytest.approx(study.best_value)
@@ -155,24 +159,24 @@ def test_best_trial_is_champion_and_loads_for_embedding(finished_study):
         model.encode(cells[:, cells.var_names[:10]].copy())
 
 
-def test_best_and_promote_commands_report_the_champion(finished_study, capsys):
+def test_best_and_promote_commands_report_the_champion(tracked, capsys):
     assert main(["best"]) == 0
     out = capsys.readouterr().out
-    assert f"best trial {finished_study['study'].best_trial.number}" in out
+    assert f"best trial {tracked['study'].best_trial.number}" in out
     assert "MLflow run:" in out
     assert main(["promote"]) == 0
     assert "not better than @champion" in capsys.readouterr().out
 
 
-def test_unknown_model_uri_is_a_clear_error(finished_study):
+def test_unknown_model_uri_is_a_clear_error(tracked):
     with pytest.raises(InputError, match="could not be loaded"):
         melvae.load_model("models:/melvae-nothing@champion")
 
 
-def test_ui_serves_the_study_page(finished_study):
+def test_ui_serves_the_study_page(tracked):
     process = subprocess.Popen(
         [sys.executable, "-m", "melvae.study", "ui"],
-        cwd=finished_study["workdir"],
+        cwd=tracked["workdir"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def run_study(
         raise InputError(
             f"objective {config.objective!r} needs cell-type labels and the data has none",
             where=f"{config.path} [objective] metric",
-            fix="use metric = \"val_loss\", or give data with a label column",
+            fix='use metric = "val_loss", or give data with a label column',
         )
     study = create_study(config, data.dataset_key, storage)
     tracking_uri = track.use_backend(tracking_uri)
@@ -264,16 +265,20 @@ def _summarise_parent(
 def _log_study_plots(study: optuna.Study) -> None:
     from optuna.visualization import matplotlib as optuna_plots
 
-    track.log_figure(
-        optuna_plots.plot_optimization_history(study).figure,
-        "plots/optimization_history.png",
-    )
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
+    distinct = len({tuple(sorted(t.params.items())) for t in complete})
+    # Optuna flags its matplotlib backend as experimental; the figures are only logged.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         track.log_figure(
-            optuna_plots.plot_param_importances(study).figure,
-            "plots/param_importances.png",
+            optuna_plots.plot_optimization_history(study).figure,
+            "plots/optimization_history.png",
         )
+        if distinct >= 2:
+            track.log_figure(
+                optuna_plots.plot_param_importances(study).figure,
+                "plots/param_importances.png",
+            )
 
 
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
