@@ -114,7 +114,7 @@ def _stratified_subsample(labels: np.ndarray, max_cells: int, seed: int) -> np.n
     return np.sort(np.concatenate(picks))
 
 
-def _palette(n: int) -> list:
+def palette(n: int) -> list:
     """n distinct colours without grey (grey marks unlabelled cells): tab20's nine dark colours
     (= tab10), then its nine light ones, then evenly spaced turbo beyond 18 classes."""
     tab20 = colormaps["tab20"]
@@ -161,7 +161,7 @@ def tsne_embedding(
 
     classes, counts = np.unique(names, return_counts=True)
     typed = [c for c in classes if c != UNLABELLED]
-    colours = dict(zip(typed, _palette(len(typed)), strict=True))
+    colours = dict(zip(typed, palette(len(typed)), strict=True))
     colours[UNLABELLED] = (0.75, 0.75, 0.75, 1.0)
 
     fig = Figure(figsize=(7.5, 5.5), layout="constrained")

@@ -71,3 +71,14 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is not available")
     return path
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    """scanpy's shipped real PBMC set: 700 cells × 765 genes, log-normalised, sparse.
+
+    Labels in obs["bulk_labels"] (and obs["cell_type"]). One fresh copy per test module.
+    """
+    from melvae.data.read import read_pbmc68k_reduced
+
+    return read_pbmc68k_reduced()

@@ -75,3 +75,19 @@ def test_missing_or_broken_study_file(tmp_path):
     broken.write_text("name = \n")
     with pytest.raises(InputError, match="not valid TOML"):
         load_study_config(broken)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('type = "tpe"', 'type = "cmaes"', "unknown type 'cmaes'"),
+        ("n_warmup_steps = 20", "n_warmup_epochs = 20", "bad option"),
+    ],
+)
+def test_unknown_sampler_or_pruner_settings_are_named(tmp_path, old, new, message):
+    from melvae.study.runner import create_study
+
+    path = tmp_path / "study.toml"
+    path.write_text(DEFAULT_STUDY.read_text().replace(old, new))
+    with pytest.raises(InputError, match=message):
+        create_study(load_study_config(path), "x", f"sqlite:///{tmp_path}/optuna.db")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
-import scanpy
 import scipy.sparse as sp
 import torch
 from sklearn.neighbors import KNeighborsClassifier
@@ -21,15 +19,6 @@ from melvae.preprocess import PreprocessConfig, split_cells
 from melvae.train import TrainConfig
 
 SMALL = {"hidden_dim": 32, "latent_dim": 4, "progress": False}
-
-
-@pytest.fixture(scope="module")
-def pbmc() -> ad.AnnData:
-    """scanpy's shipped real PBMC set: 700 cells x 765 genes, log-normalised, sparse."""
-    path = Path(scanpy.__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
-    with warnings.catch_warnings():  # the shipped file predates anndata's encoding metadata
-        warnings.simplefilter("ignore")
-        return ad.read_h5ad(path).raw.to_adata()
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import warnings
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scanpy
 import scipy.sparse as sp
 
 from melvae.errors import InputError
@@ -22,15 +19,6 @@ from melvae.preprocess import (
     normalized_dispersion,
     split_cells,
 )
-
-
-@pytest.fixture(scope="module")
-def pbmc() -> ad.AnnData:
-    """scanpy's shipped real PBMC set: 700 cells x 765 genes, log-normalised, sparse."""
-    path = Path(scanpy.__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
-    with warnings.catch_warnings():  # the shipped file predates anndata's encoding metadata
-        warnings.simplefilter("ignore")
-        return ad.read_h5ad(path).raw.to_adata()
 
 
 def _counts(n_cells: int = 60, n_genes: int = 8, seed: int = 0) -> ad.AnnData:

@@ -22,7 +22,7 @@ from numpy.typing import ArrayLike
 from melvae.analyze.transfer import UNASSIGNED
 from melvae.errors import InputError
 from melvae.metrics import clean_labels
-from melvae.plot import UNLABELLED, _palette
+from melvae.plot import UNLABELLED, palette
 
 ENRICHMENT_COLUMNS = ("query", "library", "term", "overlap", "p", "fdr")
 SIGNIFICANT = 0.05
@@ -365,7 +365,7 @@ def tsne_panels(coords: ArrayLike, *, colour_by: Mapping[str, ArrayLike]) -> Fig
     categories = sorted(
         {str(c) for t in categorical for c in panels[t].dropna().unique()} - {UNASSIGNED}
     )
-    colours = dict(zip(categories, _palette(len(categories)), strict=True))
+    colours = dict(zip(categories, palette(len(categories)), strict=True))
     colours[UNASSIGNED] = UNASSIGNED_COLOUR
     colours[UNLABELLED] = UNLABELLED_COLOUR
 

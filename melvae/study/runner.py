@@ -112,38 +112,29 @@ def _is_searched(config: StudyConfig, name: str) -> bool:
 
 
 def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    options = dict(config.sampler)
-    kind = options.pop("type", "tpe")
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    if kind not in samplers:
-        raise InputError(
-            f"unknown sampler {kind!r}",
-            where=f"{config.path} [sampler]",
-            fix=f"use one of {', '.join(samplers)}",
-        )
-    return _build(samplers[kind], options, f"{config.path} [sampler]")
+    return _build(samplers, config.sampler, "tpe", f"{config.path} [sampler]")
 
 
 def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    options = dict(config.pruner)
-    kind = options.pop("type", "median")
     pruners = {
         "median": optuna.pruners.MedianPruner,
         "hyperband": optuna.pruners.HyperbandPruner,
         "none": optuna.pruners.NopPruner,
     }
-    if kind not in pruners:
+    return _build(pruners, config.pruner, "median", f"{config.path} [pruner]")
+
+
+def _build(choices: dict[str, type], table: dict, default: str, where: str):
+    """Instantiate the `type = ...` named in a study-file table with its other keys as options."""
+    options = dict(table)
+    kind = options.pop("type", default)
+    if kind not in choices:
         raise InputError(
-            f"unknown pruner {kind!r}",
-            where=f"{config.path} [pruner]",
-            fix=f"use one of {', '.join(pruners)}",
+            f"unknown type {kind!r}", where=where, fix=f"use one of {', '.join(choices)}"
         )
-    return _build(pruners[kind], options, f"{config.path} [pruner]")
-
-
-def _build(cls: type, options: dict, where: str):
     try:
-        return cls(**options)
+        return choices[kind](**options)
     except TypeError as exc:
         raise InputError(f"bad option: {exc}", where=where, fix="see Optuna's docs") from None
 
