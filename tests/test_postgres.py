@@ -114,6 +114,8 @@ def test_two_workers_share_one_study_in_postgres(tmp_path, postgres_url):
         "--epochs",
         "2",
         "--quiet",
+        "--threads",
+        "1",
     ]
     workers = [
         subprocess.Popen(

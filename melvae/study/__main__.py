@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, help="cap every trial's epochs (quick runs)")
     run.add_argument("--data", type=Path, help="train on this .h5ad/.csv instead")
     run.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's); give each of W workers on one machine "
+        "cores/W, or they slow each other down many times over",
+    )
     create = command(
         "create", _create, "create the study and experiment once, before parallel workers start"
     )
@@ -76,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     outcome = run_study(
         config,
         storage=args.storage,
