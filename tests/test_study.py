@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import socket
 import subprocess
@@ -62,11 +64,14 @@ def finished_study(tmp_path_factory):
         storage = f"sqlite:///{workdir}/mlruns/optuna.db"
         first = main(["run", "--n-trials", "4", "--epochs", "3", "--quiet"])
         trials_after_first = len(optuna.load_study(study_name=STUDY, storage=storage).trials)
-        resumed = main(["run", "--n-trials", "1", "--epochs", "3", "--quiet"])
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            resumed = main(["run", "--n-trials", "1", "--epochs", "3", "--quiet"])
         yield {
             "workdir": workdir,
             "exit_codes": (first, resumed),
             "trials_after_first": trials_after_first,
+            "stdout": summary.getvalue(),
             "study": optuna.load_study(study_name=STUDY, storage=storage),
         }
 
@@ -86,6 +91,7 @@ def _runs(experiment_name: str) -> pd.DataFrame:
 
 def test_study_runs_offline_on_the_announced_fallback(tracked):
     assert tracked["exit_codes"] == (0, 0)
+    assert f"best: trial {tracked['study'].best_trial.number}," in tracked["stdout"]
     runs = _runs(STUDY)
     parents = runs[runs["tags.role"] == "study-run"]
     assert len(parents) == 2

@@ -98,6 +98,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
     print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
+    best = best_complete_trial(outcome.study)
+    if best is not None:
+        print(f"best: trial {best.number}, {config.objective} = {best.value:.6g}")
     print(f"this run took {outcome.seconds:.0f} s (MLflow parent run {outcome.parent_run_id})")
     reg = outcome.registration
     if reg is None:
