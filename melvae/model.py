@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from melvae.data.loader import batches
 from melvae.errors import InputError
 from melvae.module import Likelihood, VAEModule
 from melvae.preprocess import (
@@ -31,7 +32,7 @@ from melvae.preprocess import (
     align_genes,
     fit_preprocessor,
 )
-from melvae.train import EpochCallback, History, TrainConfig, batches, train_vae
+from melvae.train import EpochCallback, History, TrainConfig, train_vae
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +153,19 @@ class MelVAE:
     def _predict(
         self, fn: Callable[[torch.Tensor], torch.Tensor], x: Matrix, batch_size: int
     ) -> np.ndarray:
+        """`fn` over batches of `x` on the module's device (where it was trained); numpy out."""
         self.module.eval()
+        device = self.device
         with torch.no_grad():
-            out = [fn(xb).numpy() for xb in batches(x, batch_size)]
+            out = [fn(xb).cpu().numpy() for xb in batches(x, batch_size, device=device)]
             if not out:  # no cells: still return the right number of columns
-                return fn(torch.zeros((0, x.shape[1]))).numpy()
+                return fn(torch.zeros((0, x.shape[1]), device=device)).cpu().numpy()
         return np.concatenate(out)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module's weights live: the training device, CPU after `load`."""
+        return next(self.module.parameters()).device
 
     def encode(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
         """Latent means (cells x latent_dim) for the cells of `adata`, genes matched by name."""
@@ -185,7 +193,7 @@ class MelVAE:
                 fix="pass an array like the output of MelVAE.encode",
             )
         size = self.library_size if library_size is None else library_size
-        library = None if size is None else torch.tensor([[size]], dtype=torch.float32)
+        library = None if size is None else torch.tensor([[size]], device=self.device)
         return self._predict(
             lambda z: self.module.decode_mean(z, library=library), latent, batch_size
         )
@@ -246,7 +254,7 @@ class MelVAE:
         directory = Path(directory)
         try:
             meta = json.loads((directory / MODEL_FILE).read_text())
-            state = torch.load(directory / WEIGHTS_FILE, weights_only=True)
+            state = torch.load(directory / WEIGHTS_FILE, weights_only=True, map_location="cpu")
         except (OSError, ValueError, RuntimeError) as err:
             raise InputError(
                 f"cannot read a saved melvae model: {err}",

@@ -93,7 +93,7 @@ class VAEModule(nn.Module):
         One reparameterised sample per cell, drawn from `generator` (the global RNG if None).
         """
         mu, logvar = self.encode(x)
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
         recon = self._reconstruction_nll(x, self.decoder(z)).sum(dim=-1).mean()
         kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1).mean()

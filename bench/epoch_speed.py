@@ -1,0 +1,138 @@
+"""One epoch of the original configuration: melvae vs a naive loop and the matrix-product floor.
+
+The original study's setting: GSE115978-sized data (2,761 cells × 17,994 genes, ~25 % non-zero,
+values in [0, 1]), split 70/15/15, hidden 256, latent 5, batch 32, Adam lr 1e-3, Bernoulli loss.
+Three things are timed side by side in this one process, alternating, best of `--repeats`:
+
+- melvae: `train_vae` on the CSR training split; an epoch includes its validation pass;
+- naive: a re-implementation of the original notebook's loop on a dense tensor (default Adam,
+  `loss.item()` every batch), same cells, same batches;
+- floor: only the five matrix products every batch-32 step must do (encoder and decoder
+  forward, decoder weight and hidden gradients, encoder weight gradient), same number of steps.
+
+    python bench/epoch_speed.py [--epochs 3] [--repeats 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from sparse_batches import synthetic_tpm
+from torch import nn
+
+from melvae.module import VAEModule
+from melvae.train import TrainConfig, train_vae
+
+CELLS, GENES, DENSITY, HIDDEN, LATENT, BATCH = 2761, 17994, 0.25, 256, 5, 32
+
+
+def melvae_epoch(train_x, val_x, epochs: int) -> float:
+    """Seconds per epoch of melvae's training loop (training + validation pass)."""
+    module = VAEModule(GENES, HIDDEN, LATENT)
+    config = TrainConfig(
+        epochs=epochs, batch_size=BATCH, early_stopping_patience=None, seed=0, device="cpu"
+    )
+    history = train_vae(module, train_x, val_x, config, progress=False)
+    return min(history.epoch_seconds)
+
+
+class NotebookVAE(nn.Module):
+    """The original notebook's VAE, written the plain way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(GENES, HIDDEN)
+        self.fc_mu = nn.Linear(HIDDEN, LATENT)
+        self.fc_logvar = nn.Linear(HIDDEN, LATENT)
+        self.fc3 = nn.Linear(LATENT, HIDDEN)
+        self.fc4 = nn.Linear(HIDDEN, GENES)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def naive_epoch(dense_train: torch.Tensor, epochs: int) -> float:
+    """Seconds per epoch of the notebook loop: BCE + KL, default Adam, `.item()` per batch."""
+    model = NotebookVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        total = 0.0
+        for idx in torch.randperm(dense_train.shape[0]).split(BATCH):
+            x = dense_train[idx]
+            recon, mu, logvar = model(x)
+            bce = F.binary_cross_entropy(recon, x, reduction="sum")
+            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            loss = bce + kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def floor_epoch(dense_train: torch.Tensor, epochs: int) -> float:
+    """Seconds per epoch spent in the five matrix products of each step, and nothing else."""
+    w1, w4 = torch.randn(HIDDEN, GENES) * 0.01, torch.randn(GENES, HIDDEN) * 0.01
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        for x in dense_train.split(BATCH):
+            h = x @ w1.T  # encoder forward
+            out = h @ w4.T  # decoder output forward (stands in for its gradient below)
+            _ = out.T @ h  # decoder weight gradient
+            gh = out @ w4  # hidden-layer gradient
+            _ = x.T @ gh  # encoder weight gradient
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    matrix = synthetic_tpm(CELLS, GENES, DENSITY)
+    n_val = n_test = round(CELLS * 0.15)
+    train_x, val_x = matrix[n_val + n_test :], matrix[:n_val]
+    dense_train = torch.from_numpy(train_x.toarray())
+
+    runs: dict[str, list[float]] = {"melvae": [], "naive": [], "floor": []}
+    melvae_epoch(train_x[:64], val_x[:64], 1)  # warm-up: lazy imports, first-touch pages
+    for _ in range(args.repeats):
+        runs["melvae"].append(melvae_epoch(train_x, val_x, args.epochs))
+        runs["naive"].append(naive_epoch(dense_train, args.epochs))
+        runs["floor"].append(floor_epoch(dense_train, args.epochs))
+    best = {name: min(values) for name, values in runs.items()}
+    steps = -(-train_x.shape[0] // BATCH)
+    print(
+        f"one epoch: {train_x.shape[0]} training cells ({steps} steps of {BATCH}) + "
+        f"{val_x.shape[0]} validation cells × {GENES} genes, {DENSITY:.0%} non-zero, "
+        f"hidden {HIDDEN}, latent {LATENT}; torch {torch.__version__}, {args.threads} threads, "
+        f"best of {args.repeats} × {args.epochs} epochs"
+    )
+    print(f"{'':34s}{'s/epoch':>9s}{'ms/step':>9s}")
+    labels = {
+        "melvae": "melvae train_vae (incl. validation)",
+        "naive": "naive notebook loop",
+        "floor": "floor: 5 matrix products / step",
+    }
+    for name, seconds in best.items():
+        print(f"{labels[name]:34s}{seconds:9.3f}{seconds / steps * 1e3:9.2f}")
+    print(f"melvae / naive = {best['melvae'] / best['naive']:.2f}  (target <= 0.5)")
+    print(f"melvae / floor = {best['melvae'] / best['floor']:.2f}  (target <= 1.6)")
+
+
+if __name__ == "__main__":
+    main()

