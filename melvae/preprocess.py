@@ -2,14 +2,16 @@
 
 Every statistic (gene list, min/max, std) is fitted on the training cells only and stored in a
 `Preprocessor` that travels with the model, so validation, test and new data never influence it.
-Sparse input stays sparse: transforms act on the stored non-zeros only.
+Sparse input stays sparse: transforms act on the stored non-zeros only, and every per-gene
+statistic is accumulated over row chunks of bounded size, so fitting on a million cells needs no
+dense copy and no whole-matrix temporary beyond the input itself.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anndata as ad
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from melvae.data.loader import row_chunks
 from melvae.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -185,6 +188,9 @@ class Preprocessor:
         )
 
 
+_VALUES_PER_CHUNK = 1 << 24  # stored values per chunk in streaming passes (~64 MB of float32)
+
+
 def _as_float32(X: Matrix) -> Matrix:
     return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32)
 
@@ -192,11 +198,14 @@ def _as_float32(X: Matrix) -> Matrix:
 def _map_values(X: Matrix, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Matrix:
     """Apply `fn(values, column_of_each_value)` elementwise in float32.
 
-    For sparse input only the stored entries are touched, so `fn` must map 0 to 0.
+    For sparse input only the stored entries are touched, so `fn` must map 0 to 0; they are
+    mapped in place in slices of `_VALUES_PER_CHUNK`, so temporaries stay small.
     """
     if sp.issparse(X):
         out = sp.csr_matrix(X, dtype=np.float32, copy=True)
-        out.data = fn(out.data, out.indices).astype(np.float32, copy=False)
+        for start in range(0, out.nnz, _VALUES_PER_CHUNK):
+            part = slice(start, start + _VALUES_PER_CHUNK)
+            out.data[part] = fn(out.data[part], out.indices[part])
         return out
     dense = np.asarray(X, dtype=np.float32)
     return fn(dense, np.arange(dense.shape[1])[None, :]).astype(np.float32, copy=False)
@@ -219,7 +228,8 @@ def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocesso
     _require_unique_genes(train, where=where)
     X = train.X
     genes = np.asarray(train.var_names, dtype=object)
-    expressed = np.asarray((X != 0).sum(axis=0)).ravel() > 0
+    stats = column_stats(X)
+    expressed = stats.nonzero > 0
     if not expressed.any():
         raise InputError(
             "every gene is zero in all training cells",
@@ -227,25 +237,26 @@ def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocesso
             fix="check that the expression matrix was read correctly (not an empty layer)",
         )
     logger.info("dropping %d genes that are zero in all training cells", int((~expressed).sum()))
-    X, genes = X[:, expressed], genes[expressed]
-    if config.n_top_genes is not None and config.n_top_genes < len(genes):
-        keep = _top_dispersion_genes(X, config.n_top_genes)
-        X, genes = X[:, keep], genes[keep]
+    kept = np.flatnonzero(expressed)
+    if config.n_top_genes is not None and config.n_top_genes < len(kept):
+        dispersion = _normalized_dispersion(*stats.mean_var(ddof=1), n_bins=20)
+        kept = kept[_top_genes(dispersion[kept], config.n_top_genes)]
+    genes = genes[kept]
     offset = scale = None
     if config.transform == "minmax":
-        offset, high = _column_min_max(X)
-        scale = _nonzero_or_one(high - offset)
+        offset = stats.min[kept]
+        scale = _nonzero_or_one(stats.max[kept] - offset)
     elif config.scale:
-        log_x = Preprocessor(list(genes), "log1p").transform_matrix(X)
-        scale = _nonzero_or_one(np.sqrt(_column_mean_var(log_x)[1]))
+        log_stats = column_stats(X, log1p=True)
+        scale = _nonzero_or_one(np.sqrt(log_stats.mean_var()[1][kept]))
     return Preprocessor(
         genes=[str(g) for g in genes], transform=config.transform, offset=offset, scale=scale
     )
 
 
-def _top_dispersion_genes(X: Matrix, n_top: int) -> np.ndarray:
-    """Column positions (sorted) of the `n_top` genes with the highest normalised dispersion."""
-    dispersion = np.nan_to_num(normalized_dispersion(X), nan=-np.inf)
+def _top_genes(dispersion: np.ndarray, n_top: int) -> np.ndarray:
+    """Positions (sorted) of the `n_top` highest normalised dispersions (NaN ranks last)."""
+    dispersion = np.nan_to_num(dispersion, nan=-np.inf)
     return np.sort(np.argsort(-dispersion, kind="stable")[:n_top])
 
 
@@ -259,7 +270,10 @@ def normalized_dispersion(X: Matrix, *, n_bins: int = 20) -> np.ndarray:
     with torch's and slowed later training about tenfold on two cores. Working on the values as
     given (not expm1 of them) suits counts, TPM and log-normalised input without overflow.
     """
-    mean, var = _column_mean_var(X, ddof=1)
+    return _normalized_dispersion(*column_stats(X).mean_var(ddof=1), n_bins=n_bins)
+
+
+def _normalized_dispersion(mean: np.ndarray, var: np.ndarray, *, n_bins: int) -> np.ndarray:
     mean = np.where(mean == 0, 1e-12, mean)
     dispersion = var / mean
     with np.errstate(divide="ignore"):
@@ -274,21 +288,59 @@ def normalized_dispersion(X: Matrix, *, n_bins: int = 20) -> np.ndarray:
     return normalized
 
 
-def _column_min_max(X: Matrix) -> tuple[np.ndarray, np.ndarray]:
-    def dense(v: Any) -> np.ndarray:
-        return np.asarray(v.toarray() if sp.issparse(v) else v, dtype=np.float64).ravel()
+@dataclass
+class ColumnStats:
+    """Per-gene statistics of a matrix in float64: cells, stored non-zeros, sum, sum of squares,
+    min and max (implicit zeros of a sparse matrix included)."""
 
-    return dense(X.min(axis=0)), dense(X.max(axis=0))
+    n: int
+    nonzero: np.ndarray
+    sum: np.ndarray
+    sum_sq: np.ndarray
+    min: np.ndarray = field(repr=False)
+    max: np.ndarray = field(repr=False)
+
+    def mean_var(self, *, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Per-gene mean and variance (`ddof` as in numpy)."""
+        mean = self.sum / self.n
+        var = np.maximum(self.sum_sq / self.n - mean**2, 0.0) * (self.n / max(self.n - ddof, 1))
+        return mean, var
 
 
-def _column_mean_var(X: Matrix, *, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and variance in float64 (sparse input is never densified)."""
-    squares = X.multiply(X) if sp.issparse(X) else np.square(X, dtype=np.float64)
-    mean = np.asarray(X.mean(axis=0, dtype=np.float64)).ravel()
-    mean_sq = np.asarray(squares.mean(axis=0, dtype=np.float64)).ravel()
-    n = X.shape[0]
-    var = np.maximum(mean_sq - mean**2, 0.0) * (n / max(n - ddof, 1))
-    return mean, var
+def column_stats(X: Matrix, *, log1p: bool = False) -> ColumnStats:
+    """Per-gene statistics of `X` (of log1p(X) if `log1p`), streamed over row chunks.
+
+    Memory beyond `X` is one chunk of about `_VALUES_PER_CHUNK` stored values, whatever the
+    number of cells; a sparse matrix is never densified.
+    """
+    n_cells, n_genes = X.shape
+    per_row = (X.nnz if sp.issparse(X) else X.size) / max(n_cells, 1)
+    chunk_size = max(1, int(_VALUES_PER_CHUNK // max(per_row, 1)))
+    zeros = np.zeros(n_genes)
+    stats = ColumnStats(
+        n_cells, zeros.copy(), zeros.copy(), zeros.copy(), zeros + np.inf, -zeros - np.inf
+    )
+    for chunk in row_chunks(X, chunk_size=chunk_size):
+        if sp.issparse(chunk):
+            chunk = sp.csr_matrix(chunk, dtype=np.float64)
+            if log1p:
+                chunk.data = np.log1p(chunk.data)
+            cols, values = chunk.indices, chunk.data
+            stats.nonzero += np.bincount(cols[values != 0], minlength=n_genes)
+            stats.sum += np.bincount(cols, weights=values, minlength=n_genes)
+            stats.sum_sq += np.bincount(cols, weights=values * values, minlength=n_genes)
+            low, high = chunk.min(axis=0).toarray().ravel(), chunk.max(axis=0).toarray().ravel()
+        else:
+            chunk = np.asarray(chunk, dtype=np.float64)
+            if log1p:
+                chunk = np.log1p(chunk)
+            stats.nonzero += np.count_nonzero(chunk, axis=0)
+            stats.sum += chunk.sum(axis=0)
+            stats.sum_sq += np.square(chunk).sum(axis=0)
+            low, high = chunk.min(axis=0, initial=np.inf), chunk.max(axis=0, initial=-np.inf)
+        np.minimum(stats.min, low, out=stats.min)
+        np.maximum(stats.max, high, out=stats.max)
+    return stats
 
 
 def _nonzero_or_one(v: np.ndarray) -> np.ndarray:
