@@ -20,6 +20,7 @@ from sklearn.manifold import TSNE
 
 from melvae.errors import InputError
 from melvae.metrics import clean_labels
+from melvae.subsample import stratified_subsample
 
 UNLABELLED = "(no label)"
 
@@ -99,21 +100,6 @@ def tsne_coordinates(latent: ArrayLike, *, seed: int = 0) -> np.ndarray:
     return tsne.fit_transform(x)
 
 
-def _stratified_subsample(labels: np.ndarray, max_cells: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most max_cells cells, keeping each label's share (largest remainder)."""
-    n = labels.size
-    if n <= max_cells:
-        return np.arange(n)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    quota, remainder = np.divmod(counts * max_cells, n)
-    quota[np.argsort(-remainder, kind="stable")[: max_cells - quota.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    picks = [
-        rng.choice(np.flatnonzero(inverse == i), size=q, replace=False) for i, q in enumerate(quota)
-    ]
-    return np.sort(np.concatenate(picks))
-
-
 def palette(n: int) -> list:
     """n distinct colours without grey (grey marks unlabelled cells): tab20's nine dark colours
     (= tab10), then its nine light ones, then evenly spaced turbo beyond 18 classes."""
@@ -155,7 +141,7 @@ def tsne_embedding(
             where="tsne_embedding",
             fix="pass max_cells >= 2",
         )
-    keep = _stratified_subsample(names, max_cells, seed)
+    keep = stratified_subsample(names, max_cells, seed)
     coords = tsne_coordinates(x[keep], seed=seed)
     names = names[keep]
 

@@ -363,7 +363,8 @@ def align_genes(
 ) -> tuple[Matrix, int]:
     """Return adata's matrix with columns matched to `genes` by name, and how many were missing.
 
-    Missing genes are filled with zeros; sparse input stays sparse. If fewer than `min_overlap`
+    Missing genes are filled with zeros; sparse input stays sparse, and is returned as is (no
+    copy) when its genes already are `genes` in order. If fewer than `min_overlap`
     of `genes` are present the input almost certainly uses other identifiers or another
     organism, so an InputError explains what was found.
     """
@@ -380,10 +381,13 @@ def align_genes(
             fix="use the same gene identifiers as the training data (gene symbols, same case), "
             "or train a model on these genes",
         )
+    X = adata.X
+    if n_found == len(genes):  # no gene missing: the columns as they are, or picked by position
+        identical = np.array_equal(position, np.arange(adata.n_vars))
+        return _as_float32(X if identical else X[:, position]), 0
     selector = sp.csr_matrix(
         (np.ones(n_found, dtype=np.float32), (position[found], np.flatnonzero(found))),
         shape=(adata.n_vars, len(genes)),
     )
-    X = adata.X
     aligned = sp.csr_matrix(X @ selector) if sp.issparse(X) else np.asarray(X @ selector)
     return _as_float32(aligned), len(genes) - n_found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import optuna
 
 from melvae import track
+from melvae.device import DEVICES
 from melvae.errors import InputError
 from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
 from melvae.study.runner import (
@@ -64,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: torch's); give each of W workers on one machine "
         "cores/W, or they slow each other down many times over",
     )
+    run.add_argument(
+        "--device",
+        choices=DEVICES,
+        help="where trials train, encode and evaluate: auto (CUDA when present, the default), "
+        "cpu or cuda; overrides [train] device",
+    )
     create = command(
         "create", _create, "create the study and experiment once, before parallel workers start"
     )
@@ -86,6 +94,9 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+    if args.device is not None:
+        train = dataclasses.replace(config.train, device=args.device)
+        config = dataclasses.replace(config, train=train)
     outcome = run_study(
         config,
         storage=args.storage,

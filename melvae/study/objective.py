@@ -17,6 +17,7 @@ from melvae.plot import loss_curves, tsne_embedding
 from melvae.preprocess import Preprocessor
 from melvae.register import log_model
 from melvae.study.config import StudyConfig
+from melvae.subsample import stratified_subsample
 from melvae.train import NonFiniteLossError
 
 FINAL_METRICS = (
@@ -28,6 +29,9 @@ FINAL_METRICS = (
     "nmi",
     "recon_corr",
 )
+# Final metrics and the t-SNE use at most this many cells of a split (a stratified subsample,
+# the same for every trial): silhouette is quadratic in cells and t-SNE worse.
+EVAL_MAX_CELLS = 5000
 
 
 @dataclass(frozen=True)
@@ -66,15 +70,32 @@ def suggest_params(trial: optuna.Trial, config: StudyConfig) -> dict[str, Any]:
     return params
 
 
+def metric_cells(data: PreparedData, split: str) -> tuple[ad.AnnData, np.ndarray | None]:
+    """The split's cells that final metrics are computed on, and their labels: all cells up to
+    EVAL_MAX_CELLS, else a stratified subsample of that size (a view, not a copy)."""
+    cells, labels = getattr(data, split), data.labels(split)
+    strata = np.zeros(cells.n_obs) if labels is None else labels
+    keep = stratified_subsample(strata, EVAL_MAX_CELLS, seed=0)
+    if keep.size == cells.n_obs:
+        return cells, labels
+    return cells[keep], None if labels is None else labels[keep]
+
+
 def evaluate_model(model: MelVAE, data: PreparedData, split: str = "val") -> dict[str, float]:
-    """Final metrics of a trained model on one held-out split (k-NN fitted on the train latent)."""
-    cells = getattr(data, split)
+    """Final metrics of a trained model on one held-out split (k-NN fitted on the train latent).
+
+    Both the split and the k-NN's training reference are bounded by `metric_cells` (at most
+    EVAL_MAX_CELLS cells each, stratified), so scoring a million-cell atlas costs as much as
+    scoring a small one.
+    """
+    cells, labels = metric_cells(data, split)
+    train, train_labels = metric_cells(data, "train")
     x, x_hat = model.reconstruct(cells)
     return evaluate_latent(
-        train_latent=model.encode(data.train),
-        train_labels=data.labels("train"),
+        train_latent=model.encode(train),
+        train_labels=train_labels,
         val_latent=model.encode(cells),
-        val_labels=data.labels(split),
+        val_labels=labels,
         val_x=x,
         val_x_hat=x_hat,
     )
@@ -118,10 +139,11 @@ class Objective:
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), "plots/loss.png")
+            tsne_cells, tsne_labels = metric_cells(self.data, "val")
             track.log_figure(
                 tsne_embedding(
-                    model.encode(self.data.val),
-                    self.data.labels("val"),
+                    model.encode(tsne_cells),
+                    tsne_labels,
                     title=f"trial {trial.number}: validation latent (t-SNE)",
                 ),
                 "plots/tsne.png",
@@ -181,4 +203,5 @@ class Objective:
             "label_key": self.data.label_key,
             "n_genes": len(self.data.preprocessor.genes),
             "objective": self.config.objective,
+            "eval_max_cells": EVAL_MAX_CELLS,
         }

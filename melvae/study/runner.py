@@ -49,8 +49,10 @@ def prepare_data(
         require_nonnegative=config.preprocess.transform in ("log1p", "counts"),
     )
     label_key = validate_labels(adata, config.label_key or dataset.label_key, source=source)
-    if label_key is not None:
-        adata = adata[adata.obs[label_key].notna()].copy()
+    # Views, not copies: each split is an index into the one matrix read from disk, and its
+    # rows are only materialised where a step reads them (one split at a time).
+    if label_key is not None and adata.obs[label_key].isna().any():
+        adata = adata[adata.obs[label_key].notna().to_numpy()]
     p = config.preprocess
     splits = split_cells(
         adata,
@@ -59,15 +61,15 @@ def prepare_data(
         test_fraction=p.test_fraction,
         seed=p.seed,
     )
-    train = adata[splits["train"]].copy()
+    train = adata[splits["train"]]
     return PreparedData(
         dataset_key=dataset.key,
         description=dataset.description,
         fallback_reason=fallback_reason,
         label_key=label_key,
         train=train,
-        val=adata[splits["val"]].copy(),
-        test=adata[splits["test"]].copy(),
+        val=adata[splits["val"]],
+        test=adata[splits["test"]],
         preprocessor=fit_preprocessor(train, config.preprocess),
     )
 
