@@ -1,5 +1,5 @@
 """Crash recovery: a dead worker's trial is failed, its MLflow runs closed, and the trial retried;
-a stopped worker (Ctrl-C, SIGTERM) ends its runs KILLED and exits non-zero."""
+a stopped worker (Ctrl-C, SIGTERM) ends its runs KILLED, queues its trial again, exits non-zero."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import warnings
+from collections.abc import Callable
 from types import FrameType
 
 import optuna
@@ -28,17 +29,43 @@ class Terminated(KeyboardInterrupt):
 
 
 def stop_cleanly_on_sigterm() -> None:
-    """Turn SIGTERM (a scheduler or `kill` stopping the worker) into an orderly interrupt."""
+    """Turn SIGTERM (a scheduler or `kill` stopping the worker) into an orderly interrupt, and
+    keep an interrupt's traceback out of Optuna's "trial failed" line: stopping is no crash."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
+    logging.getLogger("optuna.study._optimize").addFilter(_drop_interrupt_traceback)
+
+
+def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = None
+    return True
 
 
 def worker_id() -> str:
     """host:pid of this worker, recorded on its MLflow runs so a trial can be traced to it."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def requeue_when_stopped(
+    objective: Callable[[optuna.Trial], float],
+) -> Callable[[optuna.Trial], float]:
+    """The objective, but a trial stopped by Ctrl-C/SIGTERM is queued to run again with the same
+    parameters when the study resumes (a stop is not the trial's fault; seeds are not lost)."""
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.study.enqueue_trial(
+                trial.params, user_attrs={**trial.user_attrs, "requeued_from": trial.number}
+            )
+            raise
+
+    return run
 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -20,7 +20,7 @@ from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study.config import StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData, evaluate_model
-from melvae.study.recovery import worker_id
+from melvae.study.recovery import requeue_when_stopped, worker_id
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
     check_storage_url,
@@ -218,7 +218,7 @@ def run_study(
             progress=progress,
         )
         study.optimize(
-            objective,
+            requeue_when_stopped(objective),
             n_trials=n_trials if n_trials is not None else config.n_trials,
             timeout=timeout if timeout is not None else config.timeout,
             catch=(NonFiniteLossError,),
