@@ -12,15 +12,22 @@ import matplotlib.pyplot as plt
 import mlflow
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ARTIFACT_ROOT = Path("mlruns") / "artifacts"
 _MAX_PARAM_LENGTH = 6000
 
 
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The backend `use_backend` would pick: the given URI, $MLFLOW_TRACKING_URI, or the default."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 def use_backend(tracking_uri: str | None = None) -> str:
     """Point MLflow tracking and registry at one backend; the project's SQLite file by default."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
         # Absolute, so the store MLflow caches per URI never points at another folder's file.
         path = Path(uri.removeprefix("sqlite:///")).resolve()
@@ -41,26 +48,41 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
         root = Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
         artifact_location = root.as_uri()
     # The kind tag opens the UI on training runs rather than its GenAI trace overview.
-    return mlflow.create_experiment(
-        name,
-        artifact_location=artifact_location,
-        tags={"mlflow.experimentKind": "custom_model_development"},
-    )
+    try:
+        return mlflow.create_experiment(
+            name,
+            artifact_location=artifact_location,
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )
+    except MlflowException as exc:
+        # Another worker (on another machine, against a shared server) created it first.
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 @contextlib.contextmanager
 def top_level_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """A run of its own: one per `study run` (trial runs nest under it) or per analysis."""
+    """A run of its own: one per `study run` (trial runs nest under it) or per analysis.
+
+    Ctrl-C or SIGTERM (KeyboardInterrupt) ends it KILLED, any other exception FAILED.
+    """
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        except KeyboardInterrupt:
+            mlflow.set_tag("interrupted", "true")
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
 
 
 @contextlib.contextmanager
 def trial_run(experiment_id: str, *, trial_number: int, tags: Mapping[str, str]) -> Iterator[str]:
     """A nested run named `trial-<number>`; its end status mirrors how the trial ended.
 
-    Pruned trials (optuna.TrialPruned) end KILLED and tagged `pruned`; any other exception ends
-    the run FAILED with the reason as a tag, then propagates so Optuna records it too.
+    Pruned trials (optuna.TrialPruned) end KILLED and tagged `pruned`, interrupted ones (Ctrl-C,
+    SIGTERM) KILLED and tagged `interrupted`; any other exception ends the run FAILED with the
+    reason as a tag, then propagates so Optuna records it too.
     """
     import optuna
 
@@ -76,6 +98,10 @@ def trial_run(experiment_id: str, *, trial_number: int, tags: Mapping[str, str])
         mlflow.set_tags({"optuna_state": "PRUNED", "pruned": "true"})
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
+    except KeyboardInterrupt:
+        mlflow.set_tags({"optuna_state": "FAIL", "interrupted": "true"})
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
     except BaseException as exc:
         mlflow.set_tags({"optuna_state": "FAIL", "failure_reason": f"{type(exc).__name__}: {exc}"})
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
@@ -83,6 +109,24 @@ def trial_run(experiment_id: str, *, trial_number: int, tags: Mapping[str, str])
     else:
         mlflow.set_tag("optuna_state", "COMPLETE")
         mlflow.end_run()
+
+
+def end_abandoned_run(run_id: str, *, reason: str) -> None:
+    """End a dead worker's trial run and its parent run FAILED, tagged with why, if still RUNNING.
+
+    Called by the worker that found the trial stale, so it addresses the runs by id.
+    """
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    for target in (run, _parent(client, run)):
+        if target is not None and target.info.status == "RUNNING":
+            client.set_tag(target.info.run_id, "failure_reason", reason)
+            client.set_terminated(target.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def _parent(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> mlflow.entities.Run | None:
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    return None if parent_id is None else client.get_run(parent_id)
 
 
 def log_params(params: Mapping[str, Any]) -> None:

@@ -54,8 +54,8 @@ def _location(adata: ad.AnnData, source: str, row: int, col: int) -> str:
 
 
 def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: bool) -> None:
-    """Raise InputError if X cannot be trained on: empty, non-numeric, NaN/inf, duplicate genes,
-    or negative values when the likelihood needs non-negative input."""
+    """Raise InputError if X cannot be trained on: empty, non-numeric, duplicate gene or cell
+    names, NaN/inf, or negative values when the likelihood needs non-negative input."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(
             f"the expression matrix has {adata.n_obs} cells and {adata.n_vars} genes",
@@ -78,6 +78,17 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
             where=f"{source}, gene names",
             fix="Make gene names unique, e.g. sum or drop the repeated genes, or call "
             "adata.var_names_make_unique() and save the file again.",
+        )
+    duplicated_cells = adata.obs_names[adata.obs_names.duplicated()]
+    if len(duplicated_cells):
+        counts = pd.Series(adata.obs_names).value_counts()
+        examples = ", ".join(f"{c!r} ×{counts[c]}" for c in pd.unique(duplicated_cells)[:5])
+        raise InputError(
+            f"{len(pd.unique(duplicated_cells))} cell name(s) occur more than once: {examples}",
+            where=f"{source}, cell names",
+            fix="Give every cell a unique name (e.g. prefix barcodes with their sample, or call "
+            "adata.obs_names_make_unique()) and save the file again; repeated names would let "
+            "one cell's row stand for another's in the splits.",
         )
     count, first = _first_offending(adata.X, lambda v: ~np.isfinite(v))
     if first is not None:

@@ -8,7 +8,7 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -16,20 +16,30 @@ import optuna
 from melvae import track
 from melvae.device import DEVICES
 from melvae.errors import InputError
+from melvae.study import workers
 from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
+from melvae.study.recovery import stop_cleanly_on_sigterm
 from melvae.study.runner import (
     DEFAULT_STORAGE,
     best_complete_trial,
+    create_experiment,
     create_study,
     prepare_data,
     promote_best,
     run_study,
     trials_table,
 )
+from melvae.study.storage import (
+    HEARTBEAT_SECONDS,
+    check_storage_url,
+    check_tracking_uri,
+    redact_url,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -37,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"melvae: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("melvae: interrupted; finished trials are kept and `run` resumes", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,14 +65,16 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     run = command("run", _run, "run or resume a study, then register its best model")
-    run.add_argument("--n-trials", type=int, help="trials to run now (default: the study's)")
-    run.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
-    run.add_argument("--epochs", type=int, help="cap every trial's epochs (quick runs)")
+    run.add_argument(
+        "--n-trials", type=_positive(int), help="trials to run now (default: the study's)"
+    )
+    run.add_argument("--timeout", type=_positive(float), help="stop starting trials after S s")
+    run.add_argument("--epochs", type=_positive(int), help="cap every trial's epochs (quick runs)")
     run.add_argument("--data", type=Path, help="train on this .h5ad/.csv instead")
     run.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     run.add_argument(
         "--threads",
-        type=int,
+        type=_positive(int),
         help="torch CPU threads (default: torch's); give each of W workers on one machine "
         "cores/W, or they slow each other down many times over",
     )
@@ -71,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
         choices=DEVICES,
         help="where trials train, encode and evaluate: auto (CUDA when present, the default), "
         "cpu or cuda; overrides [train] device",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=1,
+        help="start N worker processes here that share the study (its trials split between "
+        "them) and the cores",
+    )
+    run.add_argument(
+        "--heartbeat",
+        type=_positive(int),
+        default=HEARTBEAT_SECONDS,
+        help="seconds between a worker's heartbeats; a trial whose worker is silent for three "
+        f"beats is failed and run again (default {HEARTBEAT_SECONDS})",
     )
     create = command(
         "create", _create, "create the study and experiment once, before parallel workers start"
@@ -88,8 +114,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number > 0 (argparse reports anything else and exits 2)."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _run(args: argparse.Namespace) -> int:
+    stop_cleanly_on_sigterm()
     config = load_study_config(args.study)
+    if args.workers > 1:
+        check_storage_url(args.storage)
+        n_trials = args.n_trials or config.n_trials
+        return workers.run_workers(args.argv, workers=args.workers, n_trials=n_trials)
     if args.threads is not None:
         import torch
 
@@ -106,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         epochs_cap=args.epochs,
         data_path=args.data,
         progress=not args.quiet,
+        heartbeat=args.heartbeat,
     )
     print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
     print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
@@ -126,12 +171,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
+    check_storage_url(args.storage)
+    check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
     data = prepare_data(config, data_path=args.data)
     study = create_study(config, data.dataset_key, args.storage)
-    # The MLflow backend too: workers creating a fresh SQLite schema at once race the same way.
-    uri = track.use_backend(args.tracking_uri)
-    experiment_id = track.ensure_experiment(study.study_name, uri)
-    print(f"study {study.study_name!r} ready in {args.storage} ({len(study.trials)} trials)")
+    uri, experiment_id = create_experiment(study.study_name, args.tracking_uri)
+    shown = redact_url(args.storage)
+    print(f"study {study.study_name!r} ready in {shown} ({len(study.trials)} trials)")
     print(f"MLflow experiment {experiment_id} ready in {uri}")
     return 0
 
@@ -139,13 +185,14 @@ def _create(args: argparse.Namespace) -> int:
 def _find_study(args: argparse.Namespace, config: StudyConfig) -> optuna.Study:
     keys = [args.dataset] if args.dataset else [k for k in (config.dataset, config.fallback) if k]
     names = [config.study_name(key) for key in keys]
+    check_storage_url(args.storage)
     existing = {s.study_name for s in optuna.get_all_study_summaries(args.storage)}
     for name in names:
         if name in existing:
             return optuna.load_study(study_name=name, storage=args.storage)
     raise InputError(
         f"no study named {' or '.join(map(repr, names))}",
-        where=args.storage,
+        where=redact_url(args.storage),
         fix="run `python -m melvae.study run` first, or pass --storage/--dataset",
     )
 
@@ -171,6 +218,7 @@ def _best(args: argparse.Namespace) -> int:
 
 def _promote(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
+    check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
     track.use_backend(args.tracking_uri)
     study = _find_study(args, config)
     dataset_key = study.study_name.removeprefix(f"{config.name}-")
@@ -185,6 +233,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
+    check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
     uri = track.use_backend(args.tracking_uri)
     study = _find_study(args, config)
     port = args.port or _free_port()

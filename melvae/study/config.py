@@ -128,8 +128,72 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
     for section in (data, model, budget, objective):
         section.reject_unknown()
     reader.reject_unknown()
+    _check_budget_and_ranges(config)
     _check_consistency(config)
     return config
+
+
+# The smallest value each trial parameter may take, and whether that value itself is allowed.
+_LOWER_BOUNDS = {
+    "hidden_dim": (1, True),
+    "latent_dim": (1, True),
+    "epochs": (1, True),
+    "batch_size": (1, True),
+    "learning_rate": (0, False),
+    "kl_weight": (0, True),
+}
+
+
+def _check_budget_and_ranges(config: StudyConfig) -> None:
+    """Budgets > 0, search ranges ordered and every size/rate in range, each with its key named."""
+    where = str(config.path)
+    for key, value in (("n_trials", config.n_trials), ("timeout", config.timeout)):
+        if value is not None and value <= 0:
+            raise InputError(
+                f"{key} = {value} runs nothing: it must be > 0",
+                where=f"{where} [budget] {key}",
+                fix=f"give a positive {key}, or remove it for the default",
+            )
+    for key in ("hidden_dim", "latent_dim"):
+        _check_lower_bound(key, getattr(config, key), f"{where} [model] {key}")
+    for param in config.search:
+        place = f"{where} [search.{param.name}]"
+        if param.kind == "categorical":
+            if not param.choices:
+                raise InputError("choices is empty", where=place, fix="list at least one value")
+            for choice in param.choices:
+                _check_lower_bound(param.name, choice, place)
+            continue
+        if param.low > param.high:
+            raise InputError(
+                f"low = {param.low} is above high = {param.high}",
+                where=place,
+                fix="swap them, or set low <= high",
+            )
+        if param.log and param.low <= 0:
+            raise InputError(
+                f"a log-scale range needs low > 0, got {param.low}",
+                where=place,
+                fix="raise low above 0, or set log = false",
+            )
+        _check_lower_bound(param.name, param.low, place)
+
+
+def _check_lower_bound(key: str, value: Any, where: str) -> None:
+    if key not in _LOWER_BOUNDS:
+        return
+    bound, inclusive = _LOWER_BOUNDS[key]
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InputError(
+            f"{key} must be a number, got {value!r}", where=where, fix=f"give {key} a number"
+        )
+    if value < bound or (value == bound and not inclusive):
+        relation = ">=" if inclusive else ">"
+        raise InputError(
+            f"{key} = {value} is out of range: it must be {relation} {bound}",
+            where=where,
+            fix=f"use values of {key} {relation} {bound}",
+        )
 
 
 def _check_consistency(config: StudyConfig) -> None:

@@ -20,6 +20,15 @@ from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study.config import StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData, evaluate_model
+from melvae.study.recovery import requeue_when_stopped, worker_id
+from melvae.study.storage import (
+    HEARTBEAT_SECONDS,
+    check_storage_url,
+    check_tracking_uri,
+    first_time_lock,
+    open_storage,
+    redact_url,
+)
 from melvae.train import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -85,28 +94,40 @@ def _announce_fallback(config: StudyConfig, dataset: Dataset, reason: str) -> No
     )
 
 
-def create_study(config: StudyConfig, dataset_key: str, storage: str) -> optuna.Study:
+def create_study(
+    config: StudyConfig, dataset_key: str, storage: str, *, heartbeat: int = HEARTBEAT_SECONDS
+) -> optuna.Study:
     """Create (or load) the study and enqueue the seed trials exactly once in its lifetime.
 
-    Run this once before starting parallel workers: two processes creating a fresh database
-    at the same moment race in Optuna's schema setup.
+    Safe for many workers starting at once on a fresh database: creation is serialised.
     """
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=config.study_name(dataset_key),
-        storage=storage,
-        sampler=_sampler(config),
-        pruner=_pruner(config),
-        direction=config.direction,
-        load_if_exists=True,
-    )
-    if not study.user_attrs.get(_SEEDED_ATTR):
-        for params in config.seed_trials:
-            searched = {name: value for name, value in params.items() if _is_searched(config, name)}
-            study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
-        study.set_user_attr(_SEEDED_ATTR, True)
+    sampler, pruner = _sampler(config), _pruner(config)
+    with first_time_lock(storage):
+        study = optuna.create_study(
+            study_name=config.study_name(dataset_key),
+            storage=open_storage(storage, heartbeat=heartbeat),
+            sampler=sampler,
+            pruner=pruner,
+            direction=config.direction,
+            load_if_exists=True,
+        )
+        if not study.user_attrs.get(_SEEDED_ATTR):
+            for params in config.seed_trials:
+                searched = {k: v for k, v in params.items() if _is_searched(config, k)}
+                study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
+            study.set_user_attr(_SEEDED_ATTR, True)
     return study
+
+
+def create_experiment(study_name: str, tracking_uri: str | None) -> tuple[str, str]:
+    """Point MLflow at its backend and make sure the study's experiment exists there.
+
+    Returns (tracking URI, experiment id). Serialised like `create_study`: MLflow's first-time
+    schema setup on a fresh database races too.
+    """
+    uri = track.use_backend(tracking_uri)
+    with first_time_lock(uri):
+        return uri, track.ensure_experiment(study_name, uri)
 
 
 def _is_searched(config: StudyConfig, name: str) -> bool:
@@ -163,12 +184,16 @@ def run_study(
     data_path: Path | None = None,
     base_url: str | None = None,
     progress: bool = True,
+    heartbeat: int = HEARTBEAT_SECONDS,
 ) -> StudyOutcome:
     """Run (or resume) a study end to end and register its best model.
 
     All input is read and validated before anything is written to MLflow or Optuna storage.
+    Many workers may run it at once on the same storage and tracking backend.
     """
     started = time.perf_counter()
+    check_storage_url(storage)
+    check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
     data = prepare_data(config, data_path=data_path, base_url=base_url)
     if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
         raise InputError(
@@ -176,10 +201,10 @@ def run_study(
             where=f"{config.path} [objective] metric",
             fix='use metric = "val_loss", or give data with a label column',
         )
-    study = create_study(config, data.dataset_key, storage)
-    tracking_uri = track.use_backend(tracking_uri)
-    experiment_id = track.ensure_experiment(study.study_name, tracking_uri)
+    study = create_study(config, data.dataset_key, storage, heartbeat=heartbeat)
+    tracking_uri, experiment_id = create_experiment(study.study_name, tracking_uri)
     tags = {"study": study.study_name, "dataset": data.dataset_key, "role": "study-run"}
+    tags["worker"] = worker_id()
     if data.fallback_reason is not None:
         tags |= {"dataset_fallback": "true", "fallback_reason": data.fallback_reason}
     run_name = time.strftime("run-%Y%m%d-%H%M%S")
@@ -195,7 +220,7 @@ def run_study(
             progress=progress,
         )
         study.optimize(
-            objective,
+            requeue_when_stopped(objective),
             n_trials=n_trials if n_trials is not None else config.n_trials,
             timeout=timeout if timeout is not None else config.timeout,
             catch=(NonFiniteLossError,),
@@ -222,17 +247,8 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
         "n_test": data.test.n_obs,
         "n_genes_input": data.train.n_vars,
         "n_genes_model": len(data.preprocessor.genes),
-        "optuna_storage": _redact(storage),
+        "optuna_storage": redact_url(storage),
     }
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a storage URL before it is logged."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def _summarise_parent(

@@ -1,0 +1,118 @@
+"""Crashes on the SQLite default, with real worker processes: two start at once on a fresh folder,
+one is killed (SIGKILL) mid-trial and one stopped (SIGTERM) mid-trial; the next worker recovers."""
+
+from __future__ import annotations
+
+import signal
+
+import mlflow
+import optuna
+import pytest
+
+from tests.workers import (
+    QUICK,
+    STUDY,
+    kill_worker_of,
+    output,
+    running_trial,
+    runs_by_status,
+    start_worker,
+)
+
+State = optuna.trial.TrialState
+
+
+@pytest.fixture(scope="module")
+def crashes(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("crashes")
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    tracking = f"sqlite:///{workdir}/mlruns/mlflow.db"
+
+    first = start_worker(workdir, "--n-trials", "3", *QUICK, name="first")
+    second = start_worker(workdir, "--n-trials", "3", *QUICK, name="second")
+    killed_trial, killed_run = running_trial(storage)
+    killed_pid = kill_worker_of(killed_run, tracking)
+    stopped_trial, stopped_run = running_trial(storage, exclude={killed_trial})
+    stopped_pid = kill_worker_of(stopped_run, tracking, signal.SIGTERM)
+    workers = {first.pid: (first, "first"), second.pid: (second, "second")}
+    killed, _ = workers[killed_pid]
+    stopped, stopped_name = workers[stopped_pid]
+    killed_code, stopped_code = killed.wait(timeout=60), stopped.wait(timeout=120)
+
+    # The next worker finds the silent trial stale, fails it, and runs it again, and runs the
+    # stopped one again.
+    following = start_worker(workdir, "--n-trials", "3", *QUICK, name="next")
+    following_code = following.wait(timeout=600)
+    return {
+        "workdir": workdir,
+        "storage": storage,
+        "tracking": tracking,
+        "killed": (killed_pid != stopped_pid, killed_code, killed_trial, killed_run),
+        "next": following_code,
+        "stopped": (stopped_code, stopped_name, stopped_trial, stopped_run),
+        "trials": optuna.load_study(study_name=STUDY, storage=storage).trials,
+    }
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_retried_and_its_runs_closed(crashes):
+    two_workers, code, number, run_id = crashes["killed"]
+    assert two_workers and code == -signal.SIGKILL
+    assert crashes["next"] == 0, output(crashes["workdir"], "next")
+
+    trials = crashes["trials"]
+    assert trials[number].state == State.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert len(retries) == 1
+    assert retries[0].state == State.COMPLETE
+    assert retries[0].params == trials[number].params
+    seeds = [t for t in trials if t.user_attrs.get("seed_trial") and t.state == State.COMPLETE]
+    assert len(seeds) == 3, "every documented experiment completed, the killed one included"
+
+    client = mlflow.MlflowClient(tracking_uri=crashes["tracking"])
+    dead_run = client.get_run(run_id)
+    parent = client.get_run(dead_run.data.tags["mlflow.parentRunId"])
+    for run in (dead_run, parent):
+        assert run.info.status == "FAILED"
+        assert "stopped sending heartbeats" in run.data.tags["failure_reason"]
+
+    champion = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
+    assert client.get_run(champion.run_id).info.status == "FINISHED"
+    assert float(champion.tags["objective_value"]) == pytest.approx(
+        min(t.value for t in trials if t.state == State.COMPLETE)
+    )
+    runs = runs_by_status(crashes["tracking"])
+    print(
+        f"\ncrash test: trials requested 3 (killed worker) + 3 (stopped one) + 3 (next), "
+        f"in storage {len(trials)}: "
+        + ", ".join(f"{s.name} {sum(t.state == s for t in trials)}" for s in State)
+        + f"; retried {len(retries)}; MLflow runs "
+        + ", ".join(f"{status} {len(group)}" for status, group in sorted(runs.items()))
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_current_trials_runs_killed_and_exits_non_zero(crashes):
+    code, name, number, run_id = crashes["stopped"]
+    assert code == 128 + signal.SIGTERM
+    log = output(crashes["workdir"], name)
+    assert "interrupted" in log
+    assert "Traceback" not in log
+
+    client = mlflow.MlflowClient(tracking_uri=crashes["tracking"])
+    trial_run = client.get_run(run_id)
+    parent = client.get_run(trial_run.data.tags["mlflow.parentRunId"])
+    assert trial_run.info.status == parent.info.status == "KILLED"
+    assert trial_run.data.tags["interrupted"] == "true"
+    trials = crashes["trials"]
+    assert trials[number].state == State.FAIL
+    again = [t for t in trials if t.user_attrs.get("requeued_from") == number]
+    assert len(again) == 1 and again[0].state == State.COMPLETE, "the stopped trial ran again"
+    assert again[0].params == trials[number].params
+
+
+@pytest.mark.slow
+def test_no_trial_or_run_is_left_running(crashes):
+    states = {t.state for t in crashes["trials"]}
+    assert not states & {State.RUNNING, State.WAITING}
+    assert "RUNNING" not in runs_by_status(crashes["tracking"])
