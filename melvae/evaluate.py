@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 from numpy.typing import ArrayLike
 
 from melvae import metrics
@@ -57,3 +58,38 @@ def evaluate_latent(
 
     results["recon_corr"] = metrics.recon_corr(val_x, val_x_hat)
     return results
+
+
+BIO_COMPONENTS = ("silhouette", "knn_accuracy", "knn_macro_f1", "ari", "nmi")
+BIO_METRICS = (*(f"bio_{name}" for name in BIO_COMPONENTS), "bio_score")
+
+
+def bio_conservation(
+    latent: ArrayLike, labels: ArrayLike, *, seed: int = 0, max_cells: int = 5000
+) -> dict[str, float]:
+    """The selection score of a latent space and its parts, on all labelled cells given.
+
+    Meant for the training + validation cells together (the model never sees labels, so they are
+    fair to score on): silhouette and k-means ARI/NMI over all of them, k-NN accuracy and macro
+    F1 by repeated 5-fold cross-validation, so the score rests on hundreds of cells rather than
+    on the ~100 of a validation split. Larger sets are subsampled (stratified) to `max_cells`.
+    Returns `bio_<part>` for each part plus `bio_score`, their mean (see `metrics.bio_score`);
+    empty when the labels leave a part undefined (e.g. one class).
+    """
+    keep = metrics.stratified_subsample(labels, max_cells, seed=seed)
+    x, y = np.asarray(latent)[keep], np.asarray(labels, dtype=object)[keep]
+    try:
+        ari, nmi = metrics.kmeans_agreement(x, y, seed=seed)
+        parts = {
+            "silhouette": metrics.silhouette(x, y),
+            "knn_accuracy": metrics.cv_knn_accuracy(x, y, seed=seed),
+            "knn_macro_f1": metrics.cv_knn_macro_f1(x, y, seed=seed),
+            "ari": ari,
+            "nmi": nmi,
+        }
+    except MetricUndefinedError as err:
+        logger.warning("Skipped bio_score: %s", err.what)
+        return {}
+    return {f"bio_{name}": value for name, value in parts.items()} | {
+        "bio_score": metrics.bio_score(**parts)
+    }

@@ -9,6 +9,8 @@ omits that metric.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
@@ -21,6 +23,7 @@ from sklearn.metrics import (
     normalized_mutual_info_score,
     silhouette_score,
 )
+from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from melvae.errors import InputError
@@ -196,6 +199,13 @@ def kmeans_nmi(latent: ArrayLike, labels: ArrayLike, *, seed: int = 0) -> float:
     return float(normalized_mutual_info_score(y, clusters))
 
 
+def kmeans_agreement(latent: ArrayLike, labels: ArrayLike, *, seed: int = 0) -> tuple[float, float]:
+    """(ARI, NMI) of `kmeans_ari` and `kmeans_nmi` from one k-means run (k-means is the slow
+    part, so a caller needing both clusters once)."""
+    y, clusters = _kmeans_clusters(latent, labels, seed)
+    return float(adjusted_rand_score(y, clusters)), float(normalized_mutual_info_score(y, clusters))
+
+
 def _dense(x: ArrayLike | sparse.spmatrix | sparse.sparray) -> np.ndarray:
     return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
 
@@ -226,3 +236,82 @@ def recon_corr(x: ArrayLike, x_hat: ArrayLike) -> float:
     b = b[varying] - b[varying].mean(axis=1, keepdims=True)
     r = (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
     return float(r.mean())
+
+
+def _cv_knn_folds(
+    latent: ArrayLike, labels: ArrayLike, *, k: int, n_splits: int, n_repeats: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(true, predicted) labels of each repeat of a stratified k-fold k-NN over all cells."""
+    x, y = _clustered(latent, labels)
+    counts = np.unique(y, return_counts=True)[1]
+    splits = min(n_splits, int(counts.max()))
+    if splits < 2:
+        raise MetricUndefinedError(
+            "every class has a single cell", where="cross-validated k-NN", fix="label more cells"
+        )
+    folds = RepeatedStratifiedKFold(n_splits=splits, n_repeats=n_repeats, random_state=seed)
+    repeats = []
+    predicted = np.empty_like(y)
+    with warnings.catch_warnings():
+        # Classes smaller than n_splits are allowed: they are simply absent from some folds.
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for i, (fit, held) in enumerate(folds.split(x, y)):
+            knn = KNeighborsClassifier(n_neighbors=min(k, fit.size)).fit(x[fit], y[fit])
+            predicted[held] = knn.predict(x[held])
+            if (i + 1) % splits == 0:
+                repeats.append((y, predicted.copy()))
+    return repeats
+
+
+def cv_knn_accuracy(
+    latent: ArrayLike,
+    labels: ArrayLike,
+    *,
+    k: int = 15,
+    n_splits: int = 5,
+    n_repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """k-NN accuracy by repeated stratified k-fold cross-validation over all labelled cells.
+
+    Every cell is predicted once per repeat from the others, so the score rests on all cells
+    rather than on a small validation split; averaged over `n_repeats` shuffles.
+    """
+    folds = _cv_knn_folds(latent, labels, k=k, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
+    return float(np.mean([np.mean(t == p) for t, p in folds]))
+
+
+def cv_knn_macro_f1(
+    latent: ArrayLike,
+    labels: ArrayLike,
+    *,
+    k: int = 15,
+    n_splits: int = 5,
+    n_repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """Macro F1 of the cross-validated k-NN of `cv_knn_accuracy` (rare types weigh as much)."""
+    folds = _cv_knn_folds(latent, labels, k=k, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
+    return float(np.mean([f1_score(t, p, average="macro", zero_division=0) for t, p in folds]))
+
+
+def bio_score(
+    *, silhouette: float, knn_accuracy: float, knn_macro_f1: float, ari: float, nmi: float
+) -> float:
+    """Bio-conservation score in [0, 1]: the mean of the label metrics users look at, in the
+    spirit of scib-metrics, with the silhouette rescaled from [-1, 1] to [0, 1]."""
+    return float(np.mean([(silhouette + 1) / 2, knn_accuracy, knn_macro_f1, ari, nmi]))
+
+
+def stratified_subsample(labels: ArrayLike, max_cells: int, *, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most `max_cells` cells, each class keeping its share (at least one)."""
+    names, _ = clean_labels(labels)
+    if names.size <= max_cells:
+        return np.arange(names.size)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(names):
+        members = np.flatnonzero(names == label)
+        share = max(1, round(members.size * max_cells / names.size))
+        keep.append(rng.choice(members, size=min(share, members.size), replace=False))
+    return np.sort(np.concatenate(keep))

@@ -95,6 +95,9 @@ class MelVAE:
         hidden_dim: int = 256,
         latent_dim: int = 10,
         likelihood: Likelihood = "bernoulli",
+        n_layers: int = 1,
+        dropout: float = 0.0,
+        norm: str = "none",
         train: TrainConfig | None = None,
         label_key: str | None = None,
         on_epoch: EpochCallback | None = None,
@@ -119,6 +122,9 @@ class MelVAE:
             "hidden_dim": hidden_dim,
             "latent_dim": latent_dim,
             "likelihood": likelihood,
+            "n_layers": n_layers,
+            "dropout": dropout,
+            "norm": norm,
             "training": asdict(training),
             "preprocess": preprocess_config,
         }
@@ -291,6 +297,10 @@ def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
             hyperparameters["hidden_dim"],
             hyperparameters["latent_dim"],
             hyperparameters["likelihood"],
+            # Models saved before depth was searchable have one plain hidden layer.
+            n_layers=hyperparameters.get("n_layers", 1),
+            dropout=hyperparameters.get("dropout", 0.0),
+            norm=hyperparameters.get("norm", "none"),
         )
 
 

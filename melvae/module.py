@@ -1,7 +1,10 @@
 """The VAE as a torch module: the original architecture with a choice of decoder likelihood.
 
 encoder: Linear(n_genes -> hidden) + ReLU -> (mu, logvar) via two Linear(hidden -> latent);
-decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes), read as
+decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes). `n_layers` hidden layers
+(each optionally followed by a batch/layer norm before the ReLU and by dropout after it) deepen
+both sides; the defaults (1 layer, no norm, no dropout) are the original module, parameter for
+parameter. The decoder output is read as
 - "bernoulli": logits of a Bernoulli per gene, loss = BCE (the original, for [0, 1] min-max data);
 - "gaussian": the mean of a unit-variance Gaussian, loss = 0.5 * squared error (its NLL without the
   constant);
@@ -21,6 +24,7 @@ from melvae.errors import InputError
 
 Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
+NORMS: tuple[str, ...] = ("none", "batch", "layer")
 
 
 class LossParts(NamedTuple):
@@ -31,11 +35,36 @@ class LossParts(NamedTuple):
     kl: torch.Tensor
 
 
+def hidden_stack(
+    in_dim: int, hidden_dim: int, n_layers: int, *, norm: str, dropout: float
+) -> list[nn.Module]:
+    """`n_layers` blocks of Linear -> (norm) -> ReLU -> (dropout), the first reading `in_dim`."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim))
+        if norm == "batch":
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        elif norm == "layer":
+            layers.append(nn.LayerNorm(hidden_dim))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return layers
+
+
 class VAEModule(nn.Module):
-    """Single-hidden-layer VAE for cells x genes input."""
+    """VAE for cells x genes input: 1-3 hidden layers each side (1 = the original)."""
 
     def __init__(
-        self, n_genes: int, hidden_dim: int, latent_dim: int, likelihood: Likelihood = "bernoulli"
+        self,
+        n_genes: int,
+        hidden_dim: int,
+        latent_dim: int,
+        likelihood: Likelihood = "bernoulli",
+        *,
+        n_layers: int = 1,
+        dropout: float = 0.0,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -51,12 +80,19 @@ class VAEModule(nn.Module):
                 where="VAEModule",
                 fix="give positive sizes",
             )
+        if n_layers < 1 or not 0 <= dropout < 1 or norm not in NORMS:
+            raise InputError(
+                f"bad architecture (n_layers={n_layers}, dropout={dropout}, norm={norm!r})",
+                where="VAEModule",
+                fix=f"n_layers >= 1, 0 <= dropout < 1, norm one of {', '.join(NORMS)}",
+            )
         self.likelihood = likelihood
-        self.encoder = nn.Sequential(nn.Linear(n_genes, hidden_dim), nn.ReLU())
+        block = {"n_layers": n_layers, "norm": norm, "dropout": dropout}
+        self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block))
         self.mu = nn.Linear(hidden_dim, latent_dim)
         self.logvar = nn.Linear(hidden_dim, latent_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_genes)
+            *hidden_stack(latent_dim, hidden_dim, **block), nn.Linear(hidden_dim, n_genes)
         )
         if likelihood == "negative_binomial":
             self.log_theta = nn.Parameter(torch.zeros(n_genes))

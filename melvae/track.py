@@ -161,3 +161,12 @@ def log_folder(path: Path) -> None:
 def experiment_url(ui_base: str, experiment_id: str) -> str:
     """Address of an experiment's runs page in the MLflow UI."""
     return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+@contextlib.contextmanager
+def nested_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """A named run nested under the active one (e.g. a baseline beside the trials)."""
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, nested=True, tags=dict(tags)
+    ) as run:
+        yield run.info.run_id

@@ -20,6 +20,7 @@ from melvae.study import workers
 from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
 from melvae.study.recovery import stop_cleanly_on_sigterm
 from melvae.study.runner import (
+    CHAMPION_TEST_ATTR,
     DEFAULT_STORAGE,
     best_complete_trial,
     create_experiment,
@@ -154,9 +155,16 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
     print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
-    best = best_complete_trial(outcome.study)
+    best = best_complete_trial(outcome.study, config)
     if best is not None:
-        print(f"best: trial {best.number}, {config.objective} = {best.value:.6g}")
+        values = ", ".join(
+            f"{n} = {v:.6g}" for n, v in zip(config.objectives, best.values, strict=True)
+        )
+        print(f"champion: trial {best.number}, {values}")
+        print(f"  chosen by: {config.selection.describe(config.objectives)}")
+    if outcome.comparison is not None:
+        print("\nheld-out test metrics, champion vs baselines (positive margin: champion better):")
+        print(outcome.comparison.to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"this run took {outcome.seconds:.0f} s (MLflow parent run {outcome.parent_run_id})")
     reg = outcome.registration
     if reg is None:
@@ -200,17 +208,25 @@ def _find_study(args: argparse.Namespace, config: StudyConfig) -> optuna.Study:
 def _best(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
     study = _find_study(args, config)
-    best = best_complete_trial(study)
+    best = best_complete_trial(study, config)
     if best is None:
         print(f"study {study.study_name!r} has no completed trial yet")
         return 1
-    print(f"study {study.study_name!r}: best trial {best.number}")
-    print(f"  {config.objective} = {best.value:.6g}")
+    print(f"study {study.study_name!r}: champion trial {best.number}")
+    print(f"  chosen by: {config.selection.describe(config.objectives)}")
+    for name, value in zip(config.objectives, best.values, strict=True):
+        print(f"  {name} = {value:.6g}")
     for name, value in best.params.items():
         print(f"  {name} = {value}")
     for name, value in sorted(best.user_attrs.items()):
         if isinstance(value, float):
             print(f"  {name}: {value:.4g}")
+    test = study.user_attrs.get(CHAMPION_TEST_ATTR, {})
+    if test.get("trial") == best.number:
+        print("  held-out test metrics (never used for selection):")
+        for name, value in sorted(test.items()):
+            if name != "trial":
+                print(f"    {name}: {value:.4g}")
     print(f"  MLflow run: {best.user_attrs['mlflow_run_id']}")
     print(f"  model: {best.user_attrs['model_uri']}")
     return 0

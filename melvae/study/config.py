@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from melvae.errors import InputError
+from melvae.model import COMPATIBLE_TRANSFORMS
+from melvae.module import NORMS
 from melvae.preprocess import PreprocessConfig
+from melvae.study.selection import RULES, SelectionRule
 from melvae.train import TrainConfig
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "studies" / "default.toml"
 LIKELIHOODS = ("bernoulli", "gaussian", "negative_binomial")
-TRIAL_KEYS = ("hidden_dim", "latent_dim", "learning_rate", "epochs", "batch_size", "kl_weight")
+TRIAL_KEYS = (
+    "hidden_dim",
+    "latent_dim",
+    "learning_rate",
+    "epochs",
+    "batch_size",
+    "kl_weight",
+    "kl_warmup_epochs",
+    "n_layers",
+    "dropout",
+    "norm",
+    "transform_likelihood",
+)
 OBJECTIVE_METRICS = {
     "val_loss": "minimize",
+    "bio_score": "maximize",
     "silhouette": "maximize",
     "knn_accuracy": "maximize",
     "knn_macro_f1": "maximize",
@@ -64,11 +80,38 @@ class StudyConfig:
     pruner: dict[str, Any] = field(default_factory=dict)
     n_trials: int | None = 20
     timeout: float | None = None
-    objective: str = "val_loss"
+    objectives: tuple[str, ...] = ("val_loss",)
+    selection: SelectionRule = field(default_factory=SelectionRule)
+    n_layers: int = 1
+    dropout: float = 0.0
+    norm: str = "none"
+
+    @property
+    def objective(self) -> str:
+        """The primary objective: the one a single-objective study optimises."""
+        return self.objectives[0]
 
     @property
     def direction(self) -> str:
         return OBJECTIVE_METRICS[self.objective]
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVE_METRICS[name] for name in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def transforms(self) -> set[str]:
+        """Every preprocessing transform a trial of this study may use."""
+        pairs = [self.fixed_params()["transform_likelihood"]]
+        pairs += [c for p in self.search if p.name == "transform_likelihood" for c in p.choices]
+        return {split_pair(pair)[0] for pair in pairs}
+
+    def fit_only(self) -> StudyConfig:
+        """This study without its label objectives: for data that have no cell-type labels."""
+        return replace(self, objectives=("val_loss",), selection=SelectionRule(rule="objective"))
 
     def fixed_params(self) -> dict[str, Any]:
         """Trial parameters used where the search space does not vary them."""
@@ -79,6 +122,11 @@ class StudyConfig:
             "epochs": self.train.epochs,
             "batch_size": self.train.batch_size,
             "kl_weight": self.train.kl_weight,
+            "kl_warmup_epochs": self.train.kl_warmup_epochs,
+            "n_layers": self.n_layers,
+            "dropout": self.dropout,
+            "norm": self.norm,
+            "transform_likelihood": f"{self.preprocess.transform}/{self.likelihood}",
         }
 
     def study_name(self, dataset_key: str) -> str:
@@ -106,6 +154,7 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
     model = reader.section("model")
     budget = reader.section("budget")
     objective = reader.section("objective")
+    selection = reader.section("selection")
     config = StudyConfig(
         name=reader.get("name", str),
         path=path,
@@ -116,6 +165,9 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
         likelihood=model.get("likelihood", str, "bernoulli"),
         hidden_dim=model.get("hidden_dim", int, 128),
         latent_dim=model.get("latent_dim", int, 10),
+        n_layers=model.get("n_layers", int, 1),
+        dropout=model.get("dropout", (int, float), 0.0),
+        norm=model.get("norm", str, "none"),
         train=_dataclass_from(TrainConfig, reader.section("train")),
         search=tuple(_search_param(name, spec, reader) for name, spec in reader.table("search")),
         seed_trials=tuple(reader.list_of_tables("seed_trials")),
@@ -123,9 +175,13 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
         pruner=dict(reader.section("pruner").values),
         n_trials=budget.get("n_trials", int, 20),
         timeout=budget.get("timeout", (int, float), None),
-        objective=objective.get("metric", str, "val_loss"),
+        objectives=_objectives(objective),
+        selection=SelectionRule(
+            rule=selection.get("rule", str, "objective"),
+            loss_tolerance=selection.get("loss_tolerance", (int, float), 0.02),
+        ),
     )
-    for section in (data, model, budget, objective):
+    for section in (data, model, budget, objective, selection):
         section.reject_unknown()
     reader.reject_unknown()
     _check_budget_and_ranges(config)
@@ -196,17 +252,92 @@ def _check_lower_bound(key: str, value: Any, where: str) -> None:
         )
 
 
+def split_pair(pair: str) -> tuple[str, str]:
+    """ "minmax/bernoulli" -> ("minmax", "bernoulli"): a transform and the likelihood it feeds."""
+    transform, _, likelihood = str(pair).partition("/")
+    return transform, likelihood
+
+
+def _objectives(section: _Section) -> tuple[str, ...]:
+    """`metric = "x"` (one objective) or `metrics = ["x", "y"]` (a Pareto front), not both."""
+    single = section.get("metric", str, None)
+    several = section.get("metrics", list, None)
+    if single is not None and several is not None:
+        raise InputError(
+            "both metric and metrics are set",
+            where=section.where,
+            fix='keep one: metric = "val_loss" or metrics = ["val_loss", "bio_score"]',
+        )
+    if several is not None:
+        if not several or len(set(several)) != len(several):
+            raise InputError(
+                f"metrics must be distinct and non-empty, got {several!r}",
+                where=section.where,
+                fix='e.g. metrics = ["val_loss", "bio_score"]',
+            )
+        return tuple(several)
+    return (single or "val_loss",)
+
+
+def _check_selection(config: StudyConfig) -> None:
+    where = f"{config.path} [selection]"
+    rule = config.selection
+    if rule.rule not in RULES:
+        raise InputError(
+            f"unknown selection rule {rule.rule!r}",
+            where=where,
+            fix=f"use one of {', '.join(RULES)}",
+        )
+    if rule.rule == "bio_within_loss" and config.objectives[:2] != ("val_loss", "bio_score"):
+        raise InputError(
+            f'rule bio_within_loss needs metrics = ["val_loss", "bio_score"], '
+            f"got {list(config.objectives)}",
+            where=where,
+            fix='set [objective] metrics = ["val_loss", "bio_score"], or rule = "objective"',
+        )
+    if not rule.loss_tolerance >= 0:
+        raise InputError(
+            f"loss_tolerance must be >= 0, got {rule.loss_tolerance}",
+            where=where,
+            fix="give a relative tolerance such as 0.02 (2 %)",
+        )
+
+
+def _check_architecture(config: StudyConfig) -> None:
+    where = str(config.path)
+    pairs = [config.fixed_params()["transform_likelihood"]]
+    pairs += [c for p in config.search if p.name == "transform_likelihood" for c in p.choices]
+    for pair in pairs:
+        transform, likelihood = split_pair(pair)
+        if transform not in COMPATIBLE_TRANSFORMS.get(likelihood, ()):
+            valid = [f"{t}/{lik}" for lik, ts in COMPATIBLE_TRANSFORMS.items() for t in ts]
+            raise InputError(
+                f"transform/likelihood pair {pair!r} is not valid",
+                where=f"{where} [search.transform_likelihood] or [preprocess]/[model]",
+                fix=f"use one of {', '.join(valid)}",
+            )
+    norms = [config.norm] + [c for p in config.search if p.name == "norm" for c in p.choices]
+    if any(norm not in NORMS for norm in norms):
+        raise InputError(
+            f"unknown norm in {norms!r}", where=where, fix=f"use one of {', '.join(NORMS)}"
+        )
+
+
 def _check_consistency(config: StudyConfig) -> None:
     where = str(config.path)
+    _check_selection(config)
+    _check_architecture(config)
     if config.likelihood not in LIKELIHOODS:
         raise InputError(
             f"unknown likelihood {config.likelihood!r}",
             where=f"{where} [model] likelihood",
             fix=f"use one of {', '.join(LIKELIHOODS)}",
         )
-    if config.objective not in OBJECTIVE_METRICS:
+    for name in config.objectives:
+        if name in OBJECTIVE_METRICS:
+            continue
         raise InputError(
-            f"unknown objective metric {config.objective!r}",
+            f"unknown objective metric {name!r}",
             where=f"{where} [objective] metric",
             fix=f"use one of {', '.join(OBJECTIVE_METRICS)}",
         )

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anndata as ad
 import numpy as np
 import optuna
 
 from melvae import track
-from melvae.evaluate import evaluate_latent
+from melvae.evaluate import bio_conservation, evaluate_latent
 from melvae.model import MelVAE
 from melvae.plot import loss_curves, tsne_embedding
 from melvae.preprocess import Preprocessor
 from melvae.register import log_model
-from melvae.study.config import StudyConfig
+from melvae.study.config import StudyConfig, split_pair
+from melvae.study.pruning import CURVE_ATTR, epoch_pruner
 from melvae.subsample import stratified_subsample
-from melvae.train import NonFiniteLossError
+from melvae.train import EpochCallback, NonFiniteLossError
 
 FINAL_METRICS = (
     "silhouette",
@@ -46,6 +47,14 @@ class PreparedData:
     val: ad.AnnData
     test: ad.AnnData
     preprocessor: Preprocessor
+    # Preprocessors of the other transforms the search may pair with a likelihood.
+    preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+
+    def preprocessor_for(self, transform: str) -> Preprocessor:
+        """The training-split preprocessing for `transform`."""
+        if transform == self.preprocessor.transform:
+            return self.preprocessor
+        return self.preprocessors[transform]
 
     def labels(self, split: str) -> np.ndarray | None:
         if self.label_key is None:
@@ -70,6 +79,14 @@ def suggest_params(trial: optuna.Trial, config: StudyConfig) -> dict[str, Any]:
     return params
 
 
+class Embedding(Protocol):
+    """What scoring needs of a model: a latent for cells and their reconstruction."""
+
+    def encode(self, adata: ad.AnnData) -> np.ndarray: ...
+
+    def reconstruct(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def metric_cells(data: PreparedData, split: str) -> tuple[ad.AnnData, np.ndarray | None]:
     """The split's cells that final metrics are computed on, and their labels: all cells up to
     EVAL_MAX_CELLS, else a stratified subsample of that size (a view, not a copy)."""
@@ -81,7 +98,7 @@ def metric_cells(data: PreparedData, split: str) -> tuple[ad.AnnData, np.ndarray
     return cells[keep], None if labels is None else labels[keep]
 
 
-def evaluate_model(model: MelVAE, data: PreparedData, split: str = "val") -> dict[str, float]:
+def evaluate_model(model: Embedding, data: PreparedData, split: str = "val") -> dict[str, float]:
     """Final metrics of a trained model on one held-out split (k-NN fitted on the train latent).
 
     Both the split and the k-NN's training reference are bounded by `metric_cells` (at most
@@ -98,6 +115,53 @@ def evaluate_model(model: MelVAE, data: PreparedData, split: str = "val") -> dic
         val_labels=labels,
         val_x=x,
         val_x_hat=x_hat,
+    )
+
+
+def bio_metrics(model: Embedding, data: PreparedData) -> dict[str, float]:
+    """The selection score (`bio_score` and its parts) on the labelled train + validation cells
+    (each bounded by `metric_cells`).
+
+    Empty for unlabelled data. The test split is never scored here: it stays for final numbers.
+    """
+    if data.label_key is None:
+        return {}
+    (train, train_labels), (val, val_labels) = (metric_cells(data, s) for s in ("train", "val"))
+    latent = np.concatenate([model.encode(train), model.encode(val)])
+    return bio_conservation(latent, np.concatenate([train_labels, val_labels]))
+
+
+def fit_with_params(
+    config: StudyConfig,
+    data: PreparedData,
+    params: dict[str, Any],
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+) -> MelVAE:
+    """Train one model with a trial's parameters (searched and fixed) on the study's split."""
+    train_config = dataclasses.replace(
+        config.train,
+        epochs=params["epochs"],
+        batch_size=params["batch_size"],
+        learning_rate=params["learning_rate"],
+        kl_weight=params["kl_weight"],
+        kl_warmup_epochs=params["kl_warmup_epochs"],
+    )
+    transform, likelihood = split_pair(params["transform_likelihood"])
+    return MelVAE.fit(
+        data.train,
+        data.val,
+        preprocess=data.preprocessor_for(transform),
+        hidden_dim=params["hidden_dim"],
+        latent_dim=params["latent_dim"],
+        likelihood=likelihood,
+        n_layers=params["n_layers"],
+        dropout=params["dropout"],
+        norm=params["norm"],
+        train=train_config,
+        label_key=data.label_key,
+        on_epoch=on_epoch,
+        progress=progress,
     )
 
 
@@ -120,8 +184,11 @@ class Objective:
         self.study_name = study_name
         self.epochs_cap = epochs_cap
         self.progress = progress
+        self.pruning = epoch_pruner(
+            config.pruner, multi_objective=config.multi_objective, where=f"{config.path} [pruner]"
+        )
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         params = suggest_params(trial, self.config)
         if self.epochs_cap is not None:
             params["epochs"] = min(params["epochs"], self.epochs_cap)
@@ -137,6 +204,7 @@ class Objective:
             metrics = evaluate_model(model, self.data)
             metrics["best_epoch"] = float(model.history.best_epoch)
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
+            metrics |= bio_metrics(model, self.data)
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), "plots/loss.png")
             tsne_cells, tsne_labels = metric_cells(self.data, "val")
@@ -152,37 +220,17 @@ class Objective:
             trial.set_user_attr("model_uri", model_uri)
             for name, value in metrics.items():
                 trial.set_user_attr(name, value)
-        if self.config.objective == "val_loss":
-            return metrics["best_val_loss"]
-        return metrics[self.config.objective]
+            trial.set_user_attr(CURVE_ATTR, model.history.val_loss)
+        metrics["val_loss"] = metrics["best_val_loss"]
+        values = [metrics[name] for name in self.config.objectives]
+        return values if self.config.multi_objective else values[0]
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any]) -> MelVAE:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             track.log_metrics(metrics, step=epoch)
-            trial.report(metrics["val_loss"], epoch)
-            if trial.should_prune():
-                trial.set_user_attr("pruned_at_epoch", epoch)
-                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4g} at epoch {epoch}")
+            self.pruning.check(trial, epoch, metrics["val_loss"])
 
-        train_config = dataclasses.replace(
-            self.config.train,
-            epochs=params["epochs"],
-            batch_size=params["batch_size"],
-            learning_rate=params["learning_rate"],
-            kl_weight=params["kl_weight"],
-        )
-        return MelVAE.fit(
-            self.data.train,
-            self.data.val,
-            preprocess=self.data.preprocessor,
-            hidden_dim=params["hidden_dim"],
-            latent_dim=params["latent_dim"],
-            likelihood=self.config.likelihood,
-            train=train_config,
-            label_key=self.data.label_key,
-            on_epoch=on_epoch,
-            progress=self.progress,
-        )
+        return fit_with_params(self.config, self.data, params, on_epoch, self.progress)
 
     def _run_params(self, params: dict[str, Any]) -> dict[str, Any]:
         preprocess = {
@@ -198,10 +246,11 @@ class Objective:
             **params,
             **preprocess,
             **train,
-            "likelihood": self.config.likelihood,
+            "likelihood": split_pair(params["transform_likelihood"])[1],
+            "preprocess.transform": split_pair(params["transform_likelihood"])[0],
             "dataset": self.data.dataset_key,
             "label_key": self.data.label_key,
             "n_genes": len(self.data.preprocessor.genes),
-            "objective": self.config.objective,
+            "objective": ",".join(self.config.objectives),
             "eval_max_cells": EVAL_MAX_CELLS,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -16,11 +17,19 @@ from melvae import track
 from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
 from melvae.data.validate import validate_expression, validate_labels
 from melvae.errors import InputError
+from melvae.evaluate import BIO_METRICS
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
-from melvae.study.config import StudyConfig
-from melvae.study.objective import FINAL_METRICS, Objective, PreparedData, evaluate_model
+from melvae.study.baselines import (
+    comparison_table,
+    margins_over_best,
+    run_baselines,
+    score_champion,
+)
+from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
+from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
 from melvae.study.recovery import requeue_when_stopped, worker_id
+from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
     check_storage_url,
@@ -35,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 _SEEDED_ATTR = "seed_trials_enqueued"
+CHAMPION_TEST_ATTR = "champion_test_metrics"
 
 
 def prepare_data(
@@ -55,7 +65,7 @@ def prepare_data(
     validate_expression(
         adata,
         source=source,
-        require_nonnegative=config.preprocess.transform in ("log1p", "counts"),
+        require_nonnegative=bool(config.transforms() & {"log1p", "counts"}),
     )
     label_key = validate_labels(adata, config.label_key or dataset.label_key, source=source)
     # Views, not copies: each split is an index into the one matrix read from disk, and its
@@ -71,6 +81,7 @@ def prepare_data(
         seed=p.seed,
     )
     train = adata[splits["train"]]
+    others = config.transforms() - {p.transform}
     return PreparedData(
         dataset_key=dataset.key,
         description=dataset.description,
@@ -80,6 +91,12 @@ def prepare_data(
         val=adata[splits["val"]],
         test=adata[splits["test"]],
         preprocessor=fit_preprocessor(train, config.preprocess),
+        preprocessors={
+            t: fit_preprocessor(
+                train, dataclasses.replace(p, transform=t, scale=p.scale and t == "log1p")
+            )
+            for t in others
+        },
     )
 
 
@@ -101,16 +118,21 @@ def create_study(
 
     Safe for many workers starting at once on a fresh database: creation is serialised.
     """
-    sampler, pruner = _sampler(config), _pruner(config)
+    sampler = _sampler(config)
+    pruner = _pruner(config) if not config.multi_objective else optuna.pruners.NopPruner()
     with first_time_lock(storage):
         study = optuna.create_study(
             study_name=config.study_name(dataset_key),
             storage=open_storage(storage, heartbeat=heartbeat),
             sampler=sampler,
             pruner=pruner,
-            direction=config.direction,
+            directions=config.directions,
             load_if_exists=True,
         )
+        if not study.metric_names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(config.objectives))
         if not study.user_attrs.get(_SEEDED_ATTR):
             for params in config.seed_trials:
                 searched = {k: v for k, v in params.items() if _is_searched(config, k)}
@@ -171,6 +193,9 @@ class StudyOutcome:
     parent_run_id: str
     registration: Registration | None
     seconds: float
+    # Champion vs baselines on the held-out test metrics, with the margin row; None if no
+    # trial completed.
+    comparison: pd.DataFrame | None = None
 
 
 def run_study(
@@ -195,6 +220,13 @@ def run_study(
     check_storage_url(storage)
     check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
     data = prepare_data(config, data_path=data_path, base_url=base_url)
+    if data.label_key is None and config.multi_objective and config.objective == "val_loss":
+        config = config.fit_only()
+        print(
+            "melvae: the data have no cell-type labels, so this study selects on model fit "
+            "ONLY (objective val_loss); label metrics and baselines' label scores are skipped",
+            file=sys.stderr,
+        )
     if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
         raise InputError(
             f"objective {config.objective!r} needs cell-type labels and the data has none",
@@ -225,13 +257,16 @@ def run_study(
             timeout=timeout if timeout is not None else config.timeout,
             catch=(NonFiniteLossError,),
         )
-        registration = _summarise_parent(study, data, config, tracking_uri)
+        registration, comparison = _summarise_parent(
+            study, data, config, tracking_uri, experiment_id, epochs_cap
+        )
     return StudyOutcome(
         study=study,
         experiment_id=experiment_id,
         parent_run_id=parent_id,
         registration=registration,
         seconds=time.perf_counter() - started,
+        comparison=comparison,
     )
 
 
@@ -252,26 +287,52 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
 
 
 def _summarise_parent(
-    study: optuna.Study, data: PreparedData, config: StudyConfig, tracking_uri: str
-) -> Registration | None:
-    """Give the parent run the best trial's metrics, the study's plots and the registry verdict."""
-    best = best_complete_trial(study)
+    study: optuna.Study,
+    data: PreparedData,
+    config: StudyConfig,
+    tracking_uri: str,
+    experiment_id: str,
+    epochs_cap: int | None,
+) -> tuple[Registration | None, pd.DataFrame | None]:
+    """Give the parent run the champion's metrics, the study's plots, the baselines and margins,
+    and the registry verdict."""
+    best = best_complete_trial(study, config)
     if best is None:
         log.warning("no trial completed: nothing to register")
-        return None
-    track.log_tags({"best_trial": best.number, "best_run_id": best.user_attrs["mlflow_run_id"]})
-    track.log_metrics(
-        {"objective": best.value}
-        | {name: best.user_attrs[name] for name in FINAL_METRICS if name in best.user_attrs}
+        return None, None
+    track.log_tags(
+        {
+            "best_trial": best.number,
+            "best_run_id": best.user_attrs["mlflow_run_id"],
+            "selection_rule": config.selection.describe(config.objectives),
+        }
     )
-    _log_study_plots(study)
+    track.log_metrics(
+        {"objective": best.values[0]}
+        | {
+            f"objective_{name}": value
+            for name, value in zip(config.objectives, best.values, strict=True)
+        }
+        | {
+            name: best.user_attrs[name]
+            for name in (*FINAL_METRICS, *BIO_METRICS)
+            if name in best.user_attrs
+        }
+    )
+    _log_study_plots(study, config)
     model = load_model(best.user_attrs["model_uri"], tracking_uri=tracking_uri)
-    test_metrics = evaluate_model(model, data, split="test")
-    track.log_metrics({f"test_{name}": value for name, value in test_metrics.items()})
-    return promote_best(study, config, data.dataset_key)
+    champion = score_champion(model, data)
+    track.log_metrics(champion)
+    study.set_user_attr(CHAMPION_TEST_ATTR, {"trial": best.number, **champion})
+    baselines = run_baselines(
+        config, data, best, experiment_id=experiment_id, epochs_cap=epochs_cap
+    )
+    track.log_metrics(margins_over_best(champion, baselines))
+    registration = promote_best(study, config, data.dataset_key)
+    return registration, comparison_table(champion, baselines)
 
 
-def _log_study_plots(study: optuna.Study) -> None:
+def _log_study_plots(study: optuna.Study, config: StudyConfig) -> None:
     from optuna.visualization import matplotlib as optuna_plots
 
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -279,6 +340,12 @@ def _log_study_plots(study: optuna.Study) -> None:
     # Optuna flags its matplotlib backend as experimental; the figures are only logged.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if config.multi_objective:
+            track.log_figure(
+                optuna_plots.plot_pareto_front(study, target_names=list(config.objectives)).figure,
+                "plots/pareto_front.png",
+            )
+            return
         track.log_figure(
             optuna_plots.plot_optimization_history(study).figure,
             "plots/optimization_history.png",
@@ -290,34 +357,37 @@ def _log_study_plots(study: optuna.Study) -> None:
             )
 
 
-def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial that logged a model, or None if there is none yet."""
-    trials = [
-        t
-        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        if "model_uri" in t.user_attrs
-    ]
-    if not trials:
-        return None
-    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
-    return pick(trials, key=lambda t: t.value)
+def best_complete_trial(
+    study: optuna.Study, config: StudyConfig | None = None
+) -> optuna.trial.FrozenTrial | None:
+    """The champion by the study file's selection rule among COMPLETE trials that logged a
+    model (without a config: the best value of a single-objective study); None if none yet."""
+    if config is None:
+        objectives, directions, rule = ("value",), [study.direction.name.lower()], SelectionRule()
+    else:
+        objectives, directions, rule = config.objectives, config.directions, config.selection
+    return select_champion(completed_with_model(study), rule, objectives, directions)
 
 
 def promote_best(study: optuna.Study, config: StudyConfig, dataset_key: str) -> Registration | None:
-    """Register the best complete trial's model; it becomes champion only if it wins."""
-    best = best_complete_trial(study)
+    """Register the champion; it takes the `champion` alias only if it beats the holder on the
+    rule's ranked metric. The rule is recorded as a version tag."""
+    best = best_complete_trial(study, config)
     if best is None:
         return None
+    ranked = config.selection.ranked_metric(config.objectives)
+    value = best.values[0] if ranked == config.objective else best.user_attrs[ranked]
     return register_and_promote(
         best.user_attrs["model_uri"],
         name=model_name(dataset_key),
-        objective=config.objective,
-        objective_value=float(best.value),
-        direction=config.direction,
+        objective=ranked,
+        objective_value=float(value),
+        direction=OBJECTIVE_METRICS[ranked],
         tags={
             "study": study.study_name,
             "trial_number": str(best.number),
             "run_id": best.user_attrs["mlflow_run_id"],
+            "selection_rule": config.selection.describe(config.objectives),
         },
     )
 
@@ -327,10 +397,20 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         duration = trial.duration.total_seconds() if trial.duration else float("nan")
-        row = {"trial": trial.number, "state": trial.state.name, "value": trial.value}
+        row = {"trial": trial.number, "state": trial.state.name}
+        row |= dict(zip(_value_names(study), trial.values or (), strict=False))
         row |= trial.params
-        row |= {m: trial.user_attrs.get(m) for m in ("silhouette", "knn_accuracy", "recon_corr")}
+        row |= {m: trial.user_attrs.get(m) for m in ("bio_score", "knn_accuracy", "recon_corr")}
         row["seconds"] = round(duration, 1)
         row["seed"] = "yes" if trial.user_attrs.get("seed_trial") else ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
+
+
+def _value_names(study: optuna.Study) -> list[str]:
+    """Column names for a trial's values: the objective names a study was created with."""
+    names = study.metric_names
+    if names:
+        return list(names)
+    count = len(study.directions)
+    return ["value"] if count == 1 else [f"value_{i}" for i in range(count)]

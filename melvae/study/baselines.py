@@ -1,0 +1,154 @@
+"""Baselines in every study: PCA and the original study's experiments, scored like the champion.
+
+Each `run` trains the three documented experiments to the end (no pruning) and fits PCA with the
+champion's latent size and with 10 components, on the same split and preprocessing as the trials,
+and scores them with the same metric names: validation metrics, the selection score
+(`bio_*`), and held-out `test_*` metrics. Each is an MLflow run of its own tagged `baseline`, and
+the parent run gets the champion's margin over the best baseline per test metric, so a user sees
+at a glance whether the VAE earned its keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import optuna
+import pandas as pd
+from sklearn.decomposition import PCA
+
+from melvae import track
+from melvae.preprocess import Preprocessor, align_genes
+from melvae.study.config import StudyConfig
+from melvae.study.objective import (
+    Embedding,
+    PreparedData,
+    bio_metrics,
+    evaluate_model,
+    fit_with_params,
+)
+
+PCA_SIZES = (10,)  # besides the champion's own latent size
+LOWER_IS_BETTER = {"davies_bouldin"}
+
+
+class PCAEmbedding:
+    """PCA fitted on the preprocessed training cells; encodes and reconstructs like a MelVAE."""
+
+    def __init__(self, preprocessor: Preprocessor, train: ad.AnnData, n_components: int) -> None:
+        self.preprocessor = preprocessor
+        x = self._prepare(train)
+        self.pca = PCA(n_components=min(n_components, *x.shape), random_state=0).fit(x)
+
+    def _prepare(self, adata: ad.AnnData) -> np.ndarray:
+        matrix, _ = align_genes(adata, self.preprocessor.genes)
+        x = self.preprocessor.transform_matrix(matrix)
+        return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+    def encode(self, adata: ad.AnnData) -> np.ndarray:
+        return self.pca.transform(self._prepare(adata))
+
+    def reconstruct(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+        x = self._prepare(adata)
+        return x, self.pca.inverse_transform(self.pca.transform(x))
+
+
+def score(model: Embedding, data: PreparedData) -> dict[str, float]:
+    """Validation metrics, selection score and held-out test_* metrics, as trials log them."""
+    metrics = evaluate_model(model, data, "val")
+    metrics |= bio_metrics(model, data)
+    return metrics | score_champion(model, data)
+
+
+def score_champion(model: Embedding, data: PreparedData) -> dict[str, float]:
+    """The held-out test metrics (never used for selection), named test_<metric>."""
+    return {f"test_{name}": value for name, value in evaluate_model(model, data, "test").items()}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline: a name, what it is, and how to build its embedding."""
+
+    name: str
+    params: dict[str, object]
+
+
+def baselines_for(config: StudyConfig, latent_dim: int) -> list[Baseline]:
+    """PCA with the champion's latent size and 10, then the study's documented experiments."""
+    sizes = sorted({latent_dim, *PCA_SIZES})
+    pcas = [Baseline(f"pca-{n}", {"method": "pca", "n_components": n}) for n in sizes]
+    experiments = [
+        Baseline(f"experiment-{i + 1}", {"method": "vae", **config.fixed_params(), **seed})
+        for i, seed in enumerate(config.seed_trials)
+    ]
+    return pcas + experiments
+
+
+def build(
+    baseline: Baseline,
+    config: StudyConfig,
+    data: PreparedData,
+    *,
+    epochs_cap: int | None,
+    progress: bool,
+) -> Embedding:
+    """Fit the baseline on the study's training split."""
+    params = dict(baseline.params)
+    if params.pop("method") == "pca":
+        return PCAEmbedding(data.preprocessor, data.train, int(params["n_components"]))
+    if epochs_cap is not None:
+        params["epochs"] = min(int(params["epochs"]), epochs_cap)
+    return fit_with_params(config, data, params, progress=progress)
+
+
+def run_baselines(
+    config: StudyConfig,
+    data: PreparedData,
+    champion: optuna.trial.FrozenTrial,
+    *,
+    experiment_id: str,
+    epochs_cap: int | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Fit, score and log every baseline as a nested run tagged `baseline`; name -> metrics."""
+    latent_dim = int(champion.params.get("latent_dim", config.latent_dim))
+    results = {}
+    tags = {"baseline": "true", "dataset": data.dataset_key}
+    for baseline in baselines_for(config, latent_dim):
+        run_name = f"baseline-{baseline.name}"
+        with track.nested_run(experiment_id, run_name=run_name, tags=tags):
+            track.log_params(baseline.params)
+            model = build(baseline, config, data, epochs_cap=epochs_cap, progress=progress)
+            results[baseline.name] = score(model, data)
+            track.log_metrics(results[baseline.name])
+    return results
+
+
+def margins_over_best(
+    champion: dict[str, float], baselines: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """margin_<metric>: champion minus the best baseline on each test metric, signed so that
+    a positive margin means the champion is better (Davies-Bouldin: lower is better)."""
+    margins = {}
+    for name, value in champion.items():
+        others = [scores[name] for scores in baselines.values() if name in scores]
+        if not others:
+            continue
+        lower = name.removeprefix("test_") in LOWER_IS_BETTER
+        best = min(others) if lower else max(others)
+        margins[f"margin_{name}"] = best - value if lower else value - best
+    return margins
+
+
+def comparison_table(
+    champion: dict[str, float], baselines: dict[str, dict[str, float]]
+) -> pd.DataFrame:
+    """Rows champion, each baseline and the margin; columns the test metrics."""
+    rows = {"champion": champion} | baselines
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    margins = margins_over_best(champion, baselines)
+    table.loc["margin (champion - best baseline)"] = {
+        name.removeprefix("margin_"): value for name, value in margins.items()
+    }
+    return table[[c for c in table.columns if c.startswith("test_")]]
