@@ -41,6 +41,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "val_recon",
     "val_kl",
     "epoch_seconds",
+    "epoch_cpu_seconds",
 )
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -103,13 +104,15 @@ class History:
     train_kl: list[float] = field(default_factory=list)
     val_recon: list[float] = field(default_factory=list)
     val_kl: list[float] = field(default_factory=list)
-    # Seconds per epoch (training + validation); machine-dependent, so not part of equality.
+    # Wall and process CPU seconds per epoch (training + validation); CPU time shows the work
+    # done even on a machine shared with other jobs. Machine-dependent, so not part of equality.
     epoch_seconds: list[float] = field(default_factory=list, compare=False)
+    epoch_cpu_seconds: list[float] = field(default_factory=list, compare=False)
     best_epoch: int = -1
     stopped_early: bool = False
 
     def epoch_metrics(self, i: int) -> dict[str, float]:
-        """The six losses and the wall time of epoch `i`, keyed by their names."""
+        """The six losses and the wall and CPU time of epoch `i`, keyed by their names."""
         return {name: getattr(self, name)[i] for name in METRIC_NAMES}
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,7 +207,7 @@ def train_vae(
     )
     try:
         for epoch in bar:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             train = _train_epoch(module, optimizer, train_x, config, epoch, order_rng, noise)
             val = evaluate_loss(
                 module,
@@ -220,6 +223,7 @@ def train_vae(
                 getattr(history, f"{prefix}_recon").append(parts["recon"])
                 getattr(history, f"{prefix}_kl").append(parts["kl"])
             history.epoch_seconds.append(time.perf_counter() - started)
+            history.epoch_cpu_seconds.append(time.process_time() - cpu_started)
             if history.best_epoch < 0 or val["loss"] < history.val_loss[history.best_epoch]:
                 history.best_epoch = epoch
                 best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}

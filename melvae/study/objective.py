@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 
 from melvae import track
+from melvae.device import resolve_device
 from melvae.evaluate import bio_conservation, evaluate_latent
 from melvae.model import MelVAE
 from melvae.plot import loss_curves, tsne_embedding
@@ -253,4 +254,5 @@ class Objective:
             "n_genes": len(self.data.preprocessor.genes),
             "objective": ",".join(self.config.objectives),
             "eval_max_cells": EVAL_MAX_CELLS,
+            "device": str(resolve_device(self.config.train.device)),
         }
