@@ -17,6 +17,7 @@ from tests.workers import (
     running_trial,
     runs_by_status,
     start_worker,
+    wait_until_stale,
 )
 
 State = optuna.trial.TrialState
@@ -41,6 +42,7 @@ def crashes(tmp_path_factory):
 
     # The next worker finds the silent trial stale, fails it, and runs it again, and runs the
     # stopped one again.
+    wait_until_stale()
     following = start_worker(workdir, "--n-trials", "3", *QUICK, name="next")
     following_code = following.wait(timeout=600)
     return {

@@ -13,10 +13,12 @@ from pathlib import Path
 import mlflow
 import sqlalchemy
 
+from melvae.study.storage import GRACE_BEATS
 from tests.test_study import _closed_port_url
 
 STUDY = "melanoma-vae-pbmc68k_reduced"
-QUICK = ["--epochs", "1", "--quiet", "--threads", "1", "--heartbeat", "1"]
+HEARTBEAT = 3
+QUICK = ["--epochs", "1", "--quiet", "--threads", "1", "--heartbeat", str(HEARTBEAT)]
 
 
 def worker_env(workdir: Path) -> dict[str, str]:
@@ -86,6 +88,12 @@ def kill_worker_of(run_id: str, tracking_uri: str, signum: int = signal.SIGKILL)
     pid = int(parent.data.tags["worker"].rsplit(":", 1)[1])
     os.kill(pid, signum)
     return pid
+
+
+def wait_until_stale() -> None:
+    """Let a dead worker's trial go past its grace period (GRACE_BEATS silent heartbeats), so the
+    next worker to start a trial must find it stale."""
+    time.sleep(GRACE_BEATS * HEARTBEAT + 1)
 
 
 def runs_by_status(tracking_uri: str) -> dict[str, list[mlflow.entities.Run]]:
