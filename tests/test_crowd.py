@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import mlflow
 import optuna
 import pytest
 
 from melvae.study.__main__ import main
 from melvae.study.workers import split, worker_argv
 from tests.test_study import _offline
-from tests.workers import QUICK, STUDY, output, runs_by_status, start_worker
+from tests.workers import QUICK, STUDY, client_for, output, runs_by_status, start_worker
 
 
 def test_trials_and_cores_are_split_between_workers():
@@ -54,7 +53,7 @@ def test_four_workers_started_at_once_on_a_fresh_folder_need_no_create(tmp_path)
     names = [run.info.run_name for run in runs["FINISHED"]]
     assert sum(name.startswith("trial-") for name in names) == 4
     assert sum(name.startswith("run-") for name in names) == 4, "one parent run per worker"
-    client = mlflow.MlflowClient(tracking_uri=tracking)
+    client = client_for(tracking)
     assert len(client.search_experiments(filter_string=f"name = '{STUDY}'")) == 1
     client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
     print(f"\ncrowd test: 4 workers x 1 trial, {len(errors)} errors")
@@ -66,5 +65,5 @@ def test_create_stays_an_explicit_step(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
     trials = optuna.load_study(study_name=STUDY, storage=storage).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.WAITING] * 3
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    client = client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     assert client.get_experiment_by_name(STUDY) is not None

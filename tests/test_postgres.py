@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 
-import mlflow
 import optuna
 import pytest
 import sqlalchemy
@@ -19,6 +18,7 @@ import sqlalchemy
 from tests.workers import (
     QUICK,
     STUDY,
+    client_for,
     kill_worker_of,
     output,
     running_trial,
@@ -70,13 +70,13 @@ def test_four_workers_on_postgres_and_an_mlflow_server_survive_a_killed_worker(
     ]
     number, run_id = running_trial(storage)
     pid = kill_worker_of(run_id, tracking)
-    names = {w.pid: f"worker-{i}" for i, w in enumerate(workers)}
-    codes = {names[w.pid]: w.wait(timeout=600) for w in workers}
-    assert codes.pop(names[pid]) == -signal.SIGKILL
     wait_until_stale()
     # A worker that starts later (another machine joining) fails the silent trial and runs it
     # again (the survivors' trials started before it fell silent for long enough).
-    codes["next"] = start_worker(tmp_path, *backends, "--n-trials", "1", name="next").wait(600)
+    workers.append(start_worker(tmp_path, *backends, "--n-trials", "1", name="next"))
+    names = {w.pid: f"worker-{i}" for i, w in enumerate(workers[:4])} | {workers[4].pid: "next"}
+    codes = {names[w.pid]: w.wait(timeout=600) for w in workers}
+    assert codes.pop(names[pid]) == -signal.SIGKILL
     for name, code in codes.items():
         assert code == 0, output(tmp_path, name)[-3000:]
         assert "Traceback" not in output(tmp_path, name)
@@ -105,7 +105,7 @@ def test_four_workers_on_postgres_and_an_mlflow_server_survive_a_killed_worker(
     assert statuses == {"FINISHED": requested + 4, "FAILED": 2}, "4 parents; dead trial + parent"
     assert len(aliases) == 1
 
-    client = mlflow.MlflowClient(tracking_uri=tracking)
+    client = client_for(tracking)
     dead = client.get_run(run_id)
     assert dead.info.status == "FAILED"
     assert "stopped sending heartbeats" in dead.data.tags["failure_reason"]

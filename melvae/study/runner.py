@@ -99,21 +99,32 @@ def create_study(
 
     Safe for many workers starting at once on a fresh database: creation is serialised.
     """
-    sampler, pruner = _sampler(config), _pruner(config)
+    sampler, pruner = _sampler(config), _pruner(config)  # bad settings fail before any write
     with first_time_lock(storage):
-        study = optuna.create_study(
-            study_name=config.study_name(dataset_key),
-            storage=open_storage(storage, heartbeat=heartbeat),
-            sampler=sampler,
-            pruner=pruner,
-            direction=config.direction,
-            load_if_exists=True,
-        )
-        if not study.user_attrs.get(_SEEDED_ATTR):
-            for params in config.seed_trials:
-                searched = {k: v for k, v in params.items() if _is_searched(config, k)}
-                study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
-            study.set_user_attr(_SEEDED_ATTR, True)
+        rdb = open_storage(storage, heartbeat=heartbeat)
+        return _create_study(config, dataset_key, rdb, sampler, pruner)
+
+
+def _create_study(
+    config: StudyConfig,
+    dataset_key: str,
+    storage: optuna.storages.BaseStorage,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+) -> optuna.Study:
+    study = optuna.create_study(
+        study_name=config.study_name(dataset_key),
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        direction=config.direction,
+        load_if_exists=True,
+    )
+    if not study.user_attrs.get(_SEEDED_ATTR):
+        for params in config.seed_trials:
+            searched = {name: value for name, value in params.items() if _is_searched(config, name)}
+            study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
+        study.set_user_attr(_SEEDED_ATTR, True)
     return study
 
 
