@@ -1,10 +1,15 @@
-"""Shared fixtures: a loopback HTTP server and the shared real-data folder."""
+"""Shared fixtures: a loopback HTTP server, a private PostgreSQL, the shared real-data folder."""
 
 from __future__ import annotations
 
 import functools
+import glob
 import http.server
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,3 +87,53 @@ def pbmc():
     from melvae.data.read import read_pbmc68k_reduced
 
     return read_pbmc68k_reduced()
+
+
+INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """initdb refuses to run as root; run the cluster as the `postgres` user then."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *command]
+    return command
+
+
+@dataclass
+class Postgres:
+    """A private PostgreSQL cluster on 127.0.0.1:`port` (user melvae, trust authentication)."""
+
+    bindir: Path
+    port: int
+
+    def database(self, name: str) -> str:
+        """Create database `name`; return its URL (Optuna's form; MLflow wants +psycopg)."""
+        createdb = [str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
+        subprocess.run(_as_postgres([*createdb, "-U", "melvae", name]), check=True)
+        return f"postgresql://melvae@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """Start a throw-away cluster with initdb/pg_ctl on a free loopback port; skip without one."""
+    if not INITDB:
+        pytest.skip("PostgreSQL binaries are not installed (.ci/run installs them with apt)")
+    pytest.importorskip("psycopg")
+    bindir = Path(INITDB[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="melvae-pg-", dir="/tmp"))
+    root.chmod(0o777)
+    data = root / "data"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "melvae", "--auth=trust"]
+    subprocess.run(_as_postgres(initdb), check=True, capture_output=True)
+    pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data)]
+    options = f"-h 127.0.0.1 -p {port} -k {root}"
+    start = [*pg_ctl, "-o", options, "-l", str(root / "log"), "-w", "start"]
+    subprocess.run(_as_postgres(start), check=True, capture_output=True)
+    try:
+        yield Postgres(bindir, port)
+    finally:
+        subprocess.run(_as_postgres([*pg_ctl, "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

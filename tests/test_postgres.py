@@ -1,135 +1,122 @@
-"""Many workers on one study: PostgreSQL storage in a private cluster on a free loopback port."""
+"""Many machines on existing engines: Optuna on PostgreSQL, a real `mlflow server` (PostgreSQL
+backend store, artifact root), four workers started at once without `create`, one of them
+killed with SIGKILL mid-trial; then the Optuna storage and the MLflow store are read directly."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+import time
+import urllib.request
 
 import optuna
 import pytest
+import sqlalchemy
 
-from tests.test_study import _closed_port_url
+from tests.workers import (
+    QUICK,
+    STUDY,
+    client_for,
+    kill_worker_of,
+    output,
+    running_trial,
+    start_worker,
+    wait_until_stale,
+)
 
-INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+State = optuna.trial.TrialState
 
 
-def _as_postgres(command: list[str]) -> list[str]:
-    """initdb refuses to run as root; run the cluster as the `postgres` user then."""
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *command]
-    return command
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    if not INITDB:
-        pytest.skip("PostgreSQL binaries are not installed")
-    pytest.importorskip("psycopg")
-    bindir = Path(INITDB[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="melvae-pg-", dir="/tmp"))
-    root.chmod(0o777)
-    data = root / "data"
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    """`mlflow server` on a free loopback port, runs in PostgreSQL, artifacts under tmp_path."""
+    store = postgres.database("mlflow").replace("postgresql://", "postgresql+psycopg://")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    subprocess.run(
-        _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "melvae", "--auth=trust"]),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-h 127.0.0.1 -p {port} -k {root}"
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(root / "log"),
-                "-w",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store]
+    command += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = (tmp_path / "mlflow-server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                break
+        except OSError:
+            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(1)
     try:
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(bindir / "createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-U",
-                    "melvae",
-                    "optuna",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        yield f"postgresql://melvae@127.0.0.1:{port}/optuna"
+        yield url, store
     finally:
-        subprocess.run(
-            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        server.terminate()
+        server.wait(timeout=60)
 
 
-def test_two_workers_share_one_study_in_postgres(tmp_path, postgres_url):
-    env = {
-        **os.environ,
-        "MELVAE_DATA_DIR": str(tmp_path / "cache"),
-        "MELVAE_GEO_URL": _closed_port_url(),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    study_cli = [sys.executable, "-m", "melvae.study"]
-    created = subprocess.run(
-        [*study_cli, "create", "--storage", postgres_url],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert created.returncode == 0, created.stderr
-    worker = [
-        *study_cli,
-        "run",
-        "--storage",
-        postgres_url,
-        "--n-trials",
-        "2",
-        "--epochs",
-        "2",
-        "--quiet",
-        "--threads",
-        "1",
-    ]
+@pytest.mark.slow
+def test_four_workers_on_postgres_and_an_mlflow_server_survive_a_killed_worker(
+    tmp_path, postgres, mlflow_server
+):
+    storage = postgres.database("optuna")
+    tracking, store = mlflow_server
+    backends = ["--storage", storage, "--tracking-uri", tracking, *QUICK]
     workers = [
-        subprocess.Popen(
-            worker, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
+        start_worker(tmp_path, *backends, "--n-trials", "1", name=f"worker-{i}") for i in range(4)
     ]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    for w, (_, err) in zip(workers, outputs, strict=True):
-        assert w.returncode == 0, err[-3000:]
+    number, run_id = running_trial(storage)
+    pid = kill_worker_of(run_id, tracking)
+    wait_until_stale()
+    # A worker that starts later (another machine joining) fails the silent trial and runs it
+    # again (the survivors' trials started before it fell silent for long enough).
+    workers.append(start_worker(tmp_path, *backends, "--n-trials", "1", name="next"))
+    names = {w.pid: f"worker-{i}" for i, w in enumerate(workers[:4])} | {workers[4].pid: "next"}
+    codes = {names[w.pid]: w.wait(timeout=600) for w in workers}
+    assert codes.pop(names[pid]) == -signal.SIGKILL
+    for name, code in codes.items():
+        assert code == 0, output(tmp_path, name)[-3000:]
+        assert "Traceback" not in output(tmp_path, name)
 
-    study = optuna.load_study(study_name="melanoma-vae-pbmc68k_reduced", storage=postgres_url)
-    assert len(study.trials) == 4
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    seeds = [t for t in study.trials if t.user_attrs.get("seed_trial")]
-    assert len(seeds) == 3, "each documented experiment runs once across workers"
-    assert len({t.params["latent_dim"] for t in seeds}) == 3
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    requested = 3 + 1  # the three surviving workers' trials and the next one's
+    finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED)]
+    assert len(finished) == requested, "the survivors and the next worker ran all they asked for"
+    assert trials[number].state == State.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert [t.state for t in retries] == [State.COMPLETE]
+    assert retries[0].params == trials[number].params
+    assert not [t for t in trials if t.state in (State.RUNNING, State.WAITING)]
+    seeds = [t for t in trials if t.user_attrs.get("seed_trial") and t.state == State.COMPLETE]
+    assert len({t.params["latent_dim"] for t in seeds}) == len(seeds) == 3
+
+    # The MLflow store itself (the server's PostgreSQL database): every run ended.
+    engine = sqlalchemy.create_engine(store, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as db:
+        by_status = "SELECT status, count(*) FROM runs GROUP BY status"
+        statuses = dict(db.execute(sqlalchemy.text(by_status)).all())
+        champions = "SELECT name, version FROM registered_model_aliases WHERE alias = 'champion'"
+        aliases = db.execute(sqlalchemy.text(champions)).all()
+    engine.dispose()
+    assert "RUNNING" not in statuses
+    assert statuses == {"FINISHED": requested + 4, "FAILED": 2}, "4 parents; dead trial + parent"
+    assert len(aliases) == 1
+
+    client = client_for(tracking)
+    dead = client.get_run(run_id)
+    assert dead.info.status == "FAILED"
+    assert "stopped sending heartbeats" in dead.data.tags["failure_reason"]
+    champion = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
+    assert client.get_run(champion.run_id).info.status == "FINISHED"
+    best = min(t.value for t in trials if t.state == State.COMPLETE)
+    assert float(champion.tags["objective_value"]) == pytest.approx(best)
+    assert list((tmp_path / "artifacts").rglob("MLmodel")), "models went to the artifact root"
+    print(
+        f"\nmany machines: 4 workers x 1 trial + 1 next worker x 1, one SIGKILLed mid-trial: "
+        f"{len(trials)} trials in storage, "
+        + ", ".join(f"{s.name} {sum(t.state == s for t in trials)}" for s in State)
+        + f"; retried {len(retries)}; MLflow runs {statuses}"
+    )

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import signal
 
-import mlflow
 import optuna
 import pytest
 
 from tests.workers import (
     QUICK,
     STUDY,
+    client_for,
     kill_worker_of,
     output,
     running_trial,
     runs_by_status,
     start_worker,
+    wait_until_stale,
 )
 
 State = optuna.trial.TrialState
@@ -41,6 +42,7 @@ def crashes(tmp_path_factory):
 
     # The next worker finds the silent trial stale, fails it, and runs it again, and runs the
     # stopped one again.
+    wait_until_stale()
     following = start_worker(workdir, "--n-trials", "3", *QUICK, name="next")
     following_code = following.wait(timeout=600)
     return {
@@ -69,7 +71,7 @@ def test_a_killed_workers_trial_is_failed_retried_and_its_runs_closed(crashes):
     seeds = [t for t in trials if t.user_attrs.get("seed_trial") and t.state == State.COMPLETE]
     assert len(seeds) == 3, "every documented experiment completed, the killed one included"
 
-    client = mlflow.MlflowClient(tracking_uri=crashes["tracking"])
+    client = client_for(crashes["tracking"])
     dead_run = client.get_run(run_id)
     parent = client.get_run(dead_run.data.tags["mlflow.parentRunId"])
     for run in (dead_run, parent):
@@ -99,7 +101,7 @@ def test_sigterm_ends_the_current_trials_runs_killed_and_exits_non_zero(crashes)
     assert "interrupted" in log
     assert "Traceback" not in log
 
-    client = mlflow.MlflowClient(tracking_uri=crashes["tracking"])
+    client = client_for(crashes["tracking"])
     trial_run = client.get_run(run_id)
     parent = client.get_run(trial_run.data.tags["mlflow.parentRunId"])
     assert trial_run.info.status == parent.info.status == "KILLED"

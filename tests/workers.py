@@ -13,10 +13,12 @@ from pathlib import Path
 import mlflow
 import sqlalchemy
 
+from melvae.study.storage import GRACE_BEATS
 from tests.test_study import _closed_port_url
 
 STUDY = "melanoma-vae-pbmc68k_reduced"
-QUICK = ["--epochs", "1", "--quiet", "--threads", "1", "--heartbeat", "1"]
+HEARTBEAT = 3
+QUICK = ["--epochs", "1", "--quiet", "--threads", "1", "--heartbeat", str(HEARTBEAT)]
 
 
 def worker_env(workdir: Path) -> dict[str, str]:
@@ -79,18 +81,29 @@ def running_trial(
     raise AssertionError(f"no trial started within {timeout} s")
 
 
+def client_for(uri: str) -> mlflow.MlflowClient:
+    """A client reading runs and the registry from `uri`, whatever MLflow's global URIs are."""
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def kill_worker_of(run_id: str, tracking_uri: str, signum: int = signal.SIGKILL) -> int:
     """Signal the worker process that runs this trial run (its parent run's `worker` tag)."""
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = client_for(tracking_uri)
     parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
     pid = int(parent.data.tags["worker"].rsplit(":", 1)[1])
     os.kill(pid, signum)
     return pid
 
 
+def wait_until_stale() -> None:
+    """Let a dead worker's trial go past its grace period (GRACE_BEATS silent heartbeats), so the
+    next worker to start a trial must find it stale."""
+    time.sleep(GRACE_BEATS * HEARTBEAT + 1)
+
+
 def runs_by_status(tracking_uri: str) -> dict[str, list[mlflow.entities.Run]]:
     """Every MLflow run of the study's experiment, grouped by status."""
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(STUDY)
     groups: dict[str, list[mlflow.entities.Run]] = {}
     for run in client.search_runs([experiment.experiment_id], max_results=1000):

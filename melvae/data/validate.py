@@ -53,6 +53,19 @@ def _location(adata: ad.AnnData, source: str, row: int, col: int) -> str:
     )
 
 
+def _reject_duplicates(names: pd.Index, kind: str, source: str, *, fix: str) -> None:
+    """InputError naming up to five repeated gene or cell names with their counts."""
+    duplicated = pd.unique(names[names.duplicated()])
+    if len(duplicated):
+        counts = pd.Series(names).value_counts()
+        examples = ", ".join(f"{name!r} ×{counts[name]}" for name in duplicated[:5])
+        raise InputError(
+            f"{len(duplicated)} {kind} name(s) occur more than once: {examples}",
+            where=f"{source}, {kind} names",
+            fix=fix,
+        )
+
+
 def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: bool) -> None:
     """Raise InputError if X cannot be trained on: empty, non-numeric, duplicate gene or cell
     names, NaN/inf, or negative values when the likelihood needs non-negative input."""
@@ -69,27 +82,21 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
             where=source,
             fix="Store numeric expression values in X.",
         )
-    duplicated = adata.var_names[adata.var_names.duplicated()]
-    if len(duplicated):
-        counts = pd.Series(adata.var_names).value_counts()
-        examples = ", ".join(f"{g!r} ×{counts[g]}" for g in pd.unique(duplicated)[:5])
-        raise InputError(
-            f"{len(pd.unique(duplicated))} gene name(s) occur more than once: {examples}",
-            where=f"{source}, gene names",
-            fix="Make gene names unique, e.g. sum or drop the repeated genes, or call "
-            "adata.var_names_make_unique() and save the file again.",
-        )
-    duplicated_cells = adata.obs_names[adata.obs_names.duplicated()]
-    if len(duplicated_cells):
-        counts = pd.Series(adata.obs_names).value_counts()
-        examples = ", ".join(f"{c!r} ×{counts[c]}" for c in pd.unique(duplicated_cells)[:5])
-        raise InputError(
-            f"{len(pd.unique(duplicated_cells))} cell name(s) occur more than once: {examples}",
-            where=f"{source}, cell names",
-            fix="Give every cell a unique name (e.g. prefix barcodes with their sample, or call "
-            "adata.obs_names_make_unique()) and save the file again; repeated names would let "
-            "one cell's row stand for another's in the splits.",
-        )
+    _reject_duplicates(
+        adata.var_names,
+        "gene",
+        source,
+        fix="Make gene names unique, e.g. sum or drop the repeated genes, or call "
+        "adata.var_names_make_unique() and save the file again.",
+    )
+    _reject_duplicates(
+        adata.obs_names,
+        "cell",
+        source,
+        fix="Give every cell a unique name (e.g. prefix barcodes with their sample, or call "
+        "adata.obs_names_make_unique()) and save the file again; repeated names would let "
+        "one cell's row stand for another's in the splits.",
+    )
     count, first = _first_offending(adata.X, lambda v: ~np.isfinite(v))
     if first is not None:
         row, col, value = first

@@ -133,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
     if args.workers > 1:
         check_storage_url(args.storage)
+        check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
         n_trials = args.n_trials or config.n_trials
         return workers.run_workers(args.argv, workers=args.workers, n_trials=n_trials)
     if args.threads is not None:

@@ -118,26 +118,37 @@ def create_study(
 
     Safe for many workers starting at once on a fresh database: creation is serialised.
     """
-    sampler = _sampler(config)
+    sampler = _sampler(config)  # bad settings fail before any write
     pruner = _pruner(config) if not config.multi_objective else optuna.pruners.NopPruner()
     with first_time_lock(storage):
-        study = optuna.create_study(
-            study_name=config.study_name(dataset_key),
-            storage=open_storage(storage, heartbeat=heartbeat),
-            sampler=sampler,
-            pruner=pruner,
-            directions=config.directions,
-            load_if_exists=True,
-        )
-        if not study.metric_names:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(config.objectives))
-        if not study.user_attrs.get(_SEEDED_ATTR):
-            for params in config.seed_trials:
-                searched = {k: v for k, v in params.items() if _is_searched(config, k)}
-                study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
-            study.set_user_attr(_SEEDED_ATTR, True)
+        rdb = open_storage(storage, heartbeat=heartbeat)
+        return _create_study(config, dataset_key, rdb, sampler, pruner)
+
+
+def _create_study(
+    config: StudyConfig,
+    dataset_key: str,
+    storage: optuna.storages.BaseStorage,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+) -> optuna.Study:
+    study = optuna.create_study(
+        study_name=config.study_name(dataset_key),
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        directions=config.directions,
+        load_if_exists=True,
+    )
+    if not study.metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(config.objectives))
+    if not study.user_attrs.get(_SEEDED_ATTR):
+        for params in config.seed_trials:
+            searched = {name: value for name, value in params.items() if _is_searched(config, name)}
+            study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
+        study.set_user_attr(_SEEDED_ATTR, True)
     return study
 
 
