@@ -20,6 +20,7 @@ from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study.config import StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData, evaluate_model
+from melvae.study.progress import trial_progress
 from melvae.train import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -192,12 +193,15 @@ def run_study(
             epochs_cap=epochs_cap,
             progress=progress,
         )
-        study.optimize(
-            objective,
-            n_trials=n_trials if n_trials is not None else config.n_trials,
-            timeout=timeout if timeout is not None else config.timeout,
-            catch=(NonFiniteLossError,),
-        )
+        n_trials = n_trials if n_trials is not None else config.n_trials
+        with trial_progress(n_trials, enabled=progress) as show_progress:
+            study.optimize(
+                objective,
+                n_trials=n_trials,
+                timeout=timeout if timeout is not None else config.timeout,
+                catch=(NonFiniteLossError,),
+                callbacks=[show_progress],
+            )
         registration = _summarise_parent(study, data, config, tracking_uri)
     return StudyOutcome(
         study=study,
