@@ -1,9 +1,18 @@
-"""MLflow Model Registry: log a trained MelVAE, register it, promote a champion, load it back."""
+"""MLflow Model Registry: log a trained MelVAE, register it, promote a champion, load it back.
+
+A trial logs only what reloading it needs (`log_trial_model`: the `MelVAE.save` folder and three
+example cells, a plain file copy); the full MLflow model — pyfunc from code, signature, input
+example, pinned requirements — is built once, when a trial is registered. MLflow's signature
+machinery costs tens of seconds per model at 18,000 genes, which every trial used to pay.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -17,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from melvae.errors import InputError
-from melvae.model import MelVAE
+from melvae.model import MODEL_FILE, MelVAE
 from melvae.track import use_backend
 
 log = logging.getLogger(__name__)
@@ -25,6 +34,9 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _PINNED = ("torch", "numpy", "pandas", "scipy", "scikit-learn", "anndata", "mlflow")
+TRIAL_MODEL_PATH = "melvae"  # a trial's model: runs:/<run id>/melvae
+EXAMPLE_FILE = "input_example.json"
+_TRIAL_URI_TAG = "trial_model_uri"
 
 
 class MelVAEPyfunc(mlflow.pyfunc.PythonModel):
@@ -57,32 +69,78 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in _PINNED]
 
 
-def log_model(model: MelVAE, example: ad.AnnData) -> str:
-    """Log `model` into the active run with a signature and input example; return its URI."""
+def example_cells(model: MelVAE, cells: ad.AnnData, n: int = 3) -> pd.DataFrame:
+    """The first `n` cells in the model's genes and raw units: the logged input example."""
     from melvae.preprocess import align_genes
 
-    matrix, _ = align_genes(example[:3], model.genes)
+    matrix, _ = align_genes(cells[:n], model.genes)
     dense = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-    frame = pd.DataFrame(dense.astype(np.float32), columns=model.genes)
+    return pd.DataFrame(
+        dense.astype(np.float32), index=cells.obs_names[:n].astype(str), columns=model.genes
+    )
+
+
+def log_trial_model(model: MelVAE, example: ad.AnnData) -> str:
+    """Log a trial's model cheaply into the active run; return its URI for `load_model`.
+
+    The `MelVAE.save` folder (JSON metadata, weights) plus three example cells, from which
+    `register_and_promote` builds the full MLflow model if this trial is ever registered.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = model.save(Path(tmp) / TRIAL_MODEL_PATH)
+        example_cells(model, example).to_json(saved / EXAMPLE_FILE, orient="split")
+        with _quiet_mlflow():
+            mlflow.log_artifacts(str(saved), artifact_path=TRIAL_MODEL_PATH)
+    return f"runs:/{mlflow.active_run().info.run_id}/{TRIAL_MODEL_PATH}"
+
+
+def log_model(model: MelVAE, example: pd.DataFrame, *, model_id: str | None = None) -> str:
+    """Log `model` as a full MLflow pyfunc model from code; return its URI.
+
+    Signature, input example (`example`: cells × the model's genes) and pinned requirements
+    included; loading it runs `melvae/served_model.py`, never unpickles. `model_id` fills a
+    LoggedModel made with `mlflow.initialize_logged_model` (e.g. to name its source run).
+    """
     latent = model.encode(
-        ad.AnnData(X=dense.astype(np.float32), var=pd.DataFrame(index=model.genes))
+        ad.AnnData(X=example.to_numpy(np.float32), var=pd.DataFrame(index=model.genes))
     )
     signature = infer_signature(
-        frame, pd.DataFrame(latent, columns=[f"z{i}" for i in range(latent.shape[1])])
+        example, pd.DataFrame(latent, columns=[f"z{i}" for i in range(latent.shape[1])])
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "melvae"
-        model.save(saved)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow():
+        saved = model.save(Path(tmp) / "melvae")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=MelVAEPyfunc(),
+            python_model=str(_PACKAGE_DIR / "served_model.py"),
             artifacts={"melvae": str(saved)},
             code_paths=[str(_PACKAGE_DIR)],
             signature=signature,
-            input_example=frame,
+            input_example=example,
             pip_requirements=pinned_requirements(),
+            model_id=model_id,
         )
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Within this block only: no "Validating input example" note, no artifact progress bars.
+
+    MLflow prints both for every model it logs or reads back; over a study they drown the trial
+    progress. Its warnings still show.
+    """
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level, bars = pyfunc_log.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    pyfunc_log.setLevel(logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        pyfunc_log.setLevel(level)
+        if bars is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bars
 
 
 @dataclass(frozen=True)
@@ -108,7 +166,9 @@ def register_and_promote(
     client = mlflow.MlflowClient()
     existing = _version_with_source(client, name, model_uri)
     if existing is None:
-        existing = mlflow.register_model(model_uri, name).version
+        registrable = _registrable(model_uri, source_run_id=tags.get("run_id"))
+        existing = mlflow.register_model(registrable, name).version
+        client.set_model_version_tag(name, existing, _TRIAL_URI_TAG, model_uri)
         client.set_model_version_tag(name, existing, "objective", objective)
         client.set_model_version_tag(name, existing, "objective_value", repr(objective_value))
         for key, value in tags.items():
@@ -125,15 +185,38 @@ def register_and_promote(
     )
 
 
+def _registrable(model_uri: str, *, source_run_id: str | None) -> str:
+    """A full MLflow model for `model_uri`: built from a trial's folder, or `model_uri` itself.
+
+    The full model is a new LoggedModel whose source run is the trial's, so the registry still
+    links each version to the run that trained it.
+    """
+    if not model_uri.endswith(f"/{TRIAL_MODEL_PATH}"):
+        return model_uri  # logged whole by an earlier melvae
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download(model_uri, tmp)
+        model = MelVAE.load(local)
+        example = pd.read_json(local / EXAMPLE_FILE, orient="split", convert_axes=False)
+    experiment_id = mlflow.get_run(source_run_id).info.experiment_id if source_run_id else None
+    logged = mlflow.initialize_logged_model(
+        name="model", source_run_id=source_run_id, experiment_id=experiment_id
+    )
+    return log_model(model, example.astype(np.float32), model_id=logged.model_id)
+
+
 def _version_with_source(client: mlflow.MlflowClient, name: str, model_uri: str) -> str | None:
-    """The version already registered from this logged model, so `promote` is idempotent."""
+    """The version already registered from this trial's model, so `promote` is idempotent."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
     model_id = model_uri.removeprefix("models:/")
     for item in versions:
-        if item.source == model_uri or getattr(item, "model_id", None) == model_id:
+        if (
+            item.tags.get(_TRIAL_URI_TAG) == model_uri
+            or item.source == model_uri
+            or getattr(item, "model_id", None) == model_id
+        ):
             return str(item.version)
     return None
 
@@ -151,13 +234,30 @@ def _beats(candidate: float, incumbent: float, direction: str) -> bool:
 
 
 def load_model(uri: str, *, tracking_uri: str | None = None) -> MelVAE:
-    """Load a registered or logged melvae model, e.g. `models:/melvae-<key>@champion`.
+    """Load a melvae model: registered (`models:/melvae-<key>@champion`) or a trial's URI.
 
-    Returns the MelVAE itself (not the pyfunc wrapper), ready for `encode` and `embed`.
+    Returns the MelVAE itself (not the pyfunc wrapper), ready for `encode` and `embed`. Only the
+    model's JSON metadata and its weights are read (`torch.load(weights_only=True)`): no
+    unpickling, and none of MLflow's per-column signature parsing, slow for 18,000 genes.
     """
     use_backend(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download(uri, tmp)
+        for folder in (local, local / "artifacts" / "melvae"):
+            if (folder / MODEL_FILE).is_file():
+                return MelVAE.load(folder)
+    raise InputError(
+        f"model {uri!r} is not a melvae model",
+        where=uri,
+        fix="load a model registered by `python -m melvae.study run`",
+    )
+
+
+def _download(uri: str, directory: str) -> Path:
+    """Fetch a model's files from the tracking backend into `directory`, quietly."""
     try:
-        wrapped = mlflow.pyfunc.load_model(uri)
+        with _quiet_mlflow():
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=directory))
     except (MlflowException, OSError) as exc:
         raise InputError(
             f"model {uri!r} could not be loaded: {exc}",
@@ -165,11 +265,3 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> MelVAE:
             fix="check the name and alias with `python -m melvae.study best`, or pass "
             "tracking_uri / set MLFLOW_TRACKING_URI to the backend that holds the model",
         ) from None
-    python_model = wrapped.unwrap_python_model()
-    if not isinstance(python_model, MelVAEPyfunc):
-        raise InputError(
-            f"model {uri!r} is not a melvae model",
-            where=uri,
-            fix="load a model registered by `python -m melvae.study run`",
-        )
-    return python_model.model

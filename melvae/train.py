@@ -202,8 +202,12 @@ def train_vae(
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     epochs_since_best = 0
-    bar = tqdm(
-        range(config.epochs), desc="training", unit="epoch", disable=None if progress else True
+    bar = tqdm(  # leave=None: stays as the only bar, vanishes under the study's trial bar
+        range(config.epochs),
+        desc="training",
+        unit="epoch",
+        leave=None,
+        disable=None if progress else True,
     )
     try:
         for epoch in bar:

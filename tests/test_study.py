@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 import melvae
 from melvae import track
@@ -40,11 +44,14 @@ FINAL_METRICS = {
 STUDY = "melanoma-vae-pbmc68k_reduced"
 
 
-def _closed_port_url() -> str:
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/geo/"
+        return sock.getsockname()[1]
+
+
+def _closed_port_url() -> str:
+    return f"http://127.0.0.1:{_free_port()}/geo/"
 
 
 def _offline(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
@@ -179,6 +186,86 @@ def test_unknown_model_uri_is_a_clear_error(tracked):
         melvae.load_model("models:/melvae-nothing@champion")
 
 
+def test_every_completed_trial_reloads_and_the_champion_loads_without_pickle(tracked):
+    study = tracked["study"]
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        model = melvae.load_model(trial.user_attrs["model_uri"])
+        assert model.hyperparameters["latent_dim"] == trial.params["latent_dim"]
+    champion_uri = "models:/melvae-pbmc68k_reduced@champion"
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
+    assert version.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    files = Path(
+        mlflow.artifacts.download_artifacts(champion_uri, dst_path=str(tracked["workdir"]))
+    )
+    assert not list(files.rglob("*.pkl")), "the registered model must not be pickled"
+    flavor = mlflow.models.Model.load(str(files)).flavors["python_function"]
+    assert Path(flavor["model_code_path"]).name == "served_model.py"
+    champion = melvae.load_model(champion_uri)
+    example = json.loads((files / "input_example.json").read_text())
+    assert example["columns"] == champion.genes
+    assert len(example["data"]) == 3
+    trained = melvae.load_model(study.best_trial.user_attrs["model_uri"]).module.state_dict()
+    for name, weights in champion.module.state_dict().items():
+        assert torch.equal(weights, trained[name]), name
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_encode(tracked):
+    """`mlflow models serve` on the champion, for real: POSTed cells come back as their latent."""
+    uri = "models:/melvae-pbmc68k_reduced@champion"
+    model = melvae.load_model(uri)
+    from melvae.data.datasets import load_dataset
+
+    cells = load_dataset("pbmc68k_reduced").adata[:5, model.genes].copy()
+    port = _free_port()
+    serve = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", *serve, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tracked["workdir"],
+        env=os.environ
+        | {
+            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+            # It runs `uvicorn` from PATH, as in an activated virtual environment.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_until_up(f"{base}/ping", process, seconds=180)
+        frame = pd.DataFrame(cells.X.toarray(), columns=model.genes, index=cells.obs_names)
+        body = json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split"))})
+        request = urllib.request.Request(
+            f"{base}/invocations",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = pd.DataFrame(json.loads(response.read())["predictions"])
+        np.testing.assert_allclose(predictions.to_numpy(), model.encode(cells), rtol=1e-5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, *, seconds: float) -> None:
+    """Poll `url` until it answers 200; fail if the server process exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"the server for {url} exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.status == 200
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
+            time.sleep(1)
+
+
 def test_ui_serves_the_study_page(tracked):
     process = subprocess.Popen(
         [sys.executable, "-m", "melvae.study", "ui"],
@@ -190,15 +277,7 @@ def test_ui_serves_the_study_page(tracked):
         first_line = process.stdout.readline()
         url = re.search(r"(http://127\.0\.0\.1:\d+)/#/experiments/\d+/runs", first_line)
         assert url, first_line
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url.group(1)}/health", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "MLflow UI did not start"
-                time.sleep(1)
+        _wait_until_up(f"{url.group(1)}/health", process, seconds=90)
     finally:
         process.terminate()
         process.wait(timeout=30)

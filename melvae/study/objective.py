@@ -16,7 +16,7 @@ from melvae.evaluate import bio_conservation, evaluate_latent
 from melvae.model import MelVAE
 from melvae.plot import loss_curves, tsne_embedding
 from melvae.preprocess import Preprocessor
-from melvae.register import log_model
+from melvae.register import log_trial_model
 from melvae.study.config import StudyConfig, split_pair
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
 from melvae.subsample import stratified_subsample
@@ -217,7 +217,7 @@ class Objective:
                 ),
                 "plots/tsne.png",
             )
-            model_uri = log_model(model, self.data.val)
+            model_uri = log_trial_model(model, self.data.val)
             trial.set_user_attr("model_uri", model_uri)
             for name, value in metrics.items():
                 trial.set_user_attr(name, value)

@@ -28,6 +28,7 @@ from melvae.study.baselines import (
 )
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
+from melvae.study.progress import trial_progress
 from melvae.study.recovery import requeue_when_stopped, worker_id
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
@@ -262,12 +263,15 @@ def run_study(
             epochs_cap=epochs_cap,
             progress=progress,
         )
-        study.optimize(
-            requeue_when_stopped(objective),
-            n_trials=n_trials if n_trials is not None else config.n_trials,
-            timeout=timeout if timeout is not None else config.timeout,
-            catch=(NonFiniteLossError,),
-        )
+        n_trials = n_trials if n_trials is not None else config.n_trials
+        with trial_progress(n_trials, enabled=progress) as show_progress:
+            study.optimize(
+                requeue_when_stopped(objective),
+                n_trials=n_trials,
+                timeout=timeout if timeout is not None else config.timeout,
+                catch=(NonFiniteLossError,),
+                callbacks=[show_progress],
+            )
         registration, comparison = _summarise_parent(
             study, data, config, tracking_uri, experiment_id, epochs_cap
         )
