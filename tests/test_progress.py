@@ -65,5 +65,5 @@ def test_a_run_shows_one_trial_bar_and_no_per_trial_noise(tmp_path, monkeypatch)
     assert "best: " in screens
     assert "training:" in screens  # the per-epoch bar, under the trial bar
     assert "Trial 0 finished" not in screens  # Optuna's line: the bar says it
-    assert "best: trial " in stdout  # the final table and its summary stay
+    assert "champion: trial " in stdout  # the final table and its summary stay
     assert stdout.count("COMPLETE") == 3

@@ -9,29 +9,42 @@ finished" log lines are held back: the bar and the final table say the same.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import optuna
 from tqdm.auto import tqdm
 
+Champion = Callable[[optuna.Study], optuna.trial.FrozenTrial | None]
+
 
 class TrialProgress:
-    """Optuna callback advancing the trial bar after every finished trial (any state)."""
+    """Optuna callback advancing the trial bar after every finished trial (any state).
 
-    def __init__(self, bar: tqdm) -> None:
+    `champion` picks the best trial so far by the study's own selection rule, so the bar agrees
+    with what `run` will register, multi-objective studies included.
+    """
+
+    def __init__(self, bar: tqdm, champion: Champion) -> None:
         self.bar = bar
+        self.champion = champion
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        try:
-            best = f"{study.best_value:.4g} (trial {study.best_trial.number})"
-        except ValueError:  # no trial has completed yet
-            best = "none yet"
-        self.bar.set_postfix_str(f"last: {trial.state.name.lower()}, best: {best}", refresh=False)
+        best = self.champion(study)
+        shown = "none yet" if best is None else _describe(best, study.metric_names)
+        self.bar.set_postfix_str(f"last: {trial.state.name.lower()}, best: {shown}", refresh=False)
         self.bar.update(1)
 
 
+def _describe(trial: optuna.trial.FrozenTrial, names: list[str] | None) -> str:
+    names = names or ["value"] * len(trial.values)
+    values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, trial.values, strict=True))
+    return f"trial {trial.number} ({values})"
+
+
 @contextlib.contextmanager
-def trial_progress(n_trials: int | None, *, enabled: bool = True) -> Iterator[TrialProgress]:
+def trial_progress(
+    n_trials: int | None, *, champion: Champion, enabled: bool = True
+) -> Iterator[TrialProgress]:
     """The callback for `study.optimize(callbacks=[...])`, its bar shown for this block only."""
     bar = tqdm(
         total=n_trials, desc="trials", unit="trial", position=0, disable=None if enabled else True
@@ -40,7 +53,7 @@ def trial_progress(n_trials: int | None, *, enabled: bool = True) -> Iterator[Tr
     if not bar.disable:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        yield TrialProgress(bar)
+        yield TrialProgress(bar, champion)
     finally:
         optuna.logging.set_verbosity(verbosity)
         bar.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -264,7 +265,8 @@ def run_study(
             progress=progress,
         )
         n_trials = n_trials if n_trials is not None else config.n_trials
-        with trial_progress(n_trials, enabled=progress) as show_progress:
+        champion = functools.partial(best_complete_trial, config=config)
+        with trial_progress(n_trials, champion=champion, enabled=progress) as show_progress:
             study.optimize(
                 requeue_when_stopped(objective),
                 n_trials=n_trials,
