@@ -261,8 +261,6 @@ def _check_architecture(config: StudyConfig) -> None:
 
 def _check_consistency(config: StudyConfig) -> None:
     where = str(config.path)
-    _check_selection(config)
-    _check_architecture(config)
     if config.likelihood not in LIKELIHOODS:
         raise InputError(
             f"unknown likelihood {config.likelihood!r}",
@@ -277,6 +275,8 @@ def _check_consistency(config: StudyConfig) -> None:
             where=f"{where} [objective] metric",
             fix=f"use one of {', '.join(OBJECTIVE_METRICS)}",
         )
+    _check_selection(config)
+    _check_architecture(config)
     searched = {param.name: param for param in config.search}
     fixed = config.fixed_params()
     for index, trial in enumerate(config.seed_trials):

@@ -28,6 +28,7 @@ from melvae.study.baselines import (
 )
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
+from melvae.study.pruning import epoch_pruner
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.train import NonFiniteLossError
 
@@ -112,7 +113,7 @@ def create_study(config: StudyConfig, dataset_key: str, storage: str) -> optuna.
         study_name=config.study_name(dataset_key),
         storage=storage,
         sampler=_sampler(config),
-        pruner=_pruner(config) if not config.multi_objective else optuna.pruners.NopPruner(),
+        pruner=_pruner(config),
         directions=config.directions,
         load_if_exists=True,
     )
@@ -138,6 +139,11 @@ def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
 
 
 def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    if config.multi_objective:
+        # Optuna cannot prune these; the trials prune themselves (melvae.study.pruning). Built
+        # here too so a bad [pruner] table fails before anything is written.
+        epoch_pruner(config.pruner, multi_objective=True, where=f"{config.path} [pruner]")
+        return optuna.pruners.NopPruner()
     pruners = {
         "median": optuna.pruners.MedianPruner,
         "hyperband": optuna.pruners.HyperbandPruner,
