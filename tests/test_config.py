@@ -126,7 +126,7 @@ def test_the_original_single_objective_study_stays_available(tmp_path):
     ("old", "new", "message"),
     [
         ('metrics = ["val_loss", "bio_score"]', 'metric = "val_loss"', "needs metrics"),
-        ("loss_tolerance = 0.02", "loss_tolerance = 0.02\nrules = \"x\"", "unknown setting(s) rules"),
+        ("loss_tolerance = 0.02", "loss_tolerance = 0.02\nrules = 1", "unknown setting(s) rules"),
         ('rule = "bio_within_loss"', 'rule = "vibes"', "unknown selection rule"),
         ("loss_tolerance = 0.02", "loss_tolerance = -1", "loss_tolerance must be >= 0"),
         ('metrics = ["val_loss"', 'metric = "val_loss"\nmetrics = ["val_loss"', "both metric"),
