@@ -80,10 +80,11 @@ def bio_conservation(
     x, y = np.asarray(latent)[keep], np.asarray(labels, dtype=object)[keep]
     try:
         ari, nmi = metrics.kmeans_agreement(x, y, seed=seed)
+        accuracy, macro_f1 = metrics.cv_knn_scores(x, y, seed=seed)
         parts = {
             "silhouette": metrics.silhouette(x, y),
-            "knn_accuracy": metrics.cv_knn_accuracy(x, y, seed=seed),
-            "knn_macro_f1": metrics.cv_knn_macro_f1(x, y, seed=seed),
+            "knn_accuracy": accuracy,
+            "knn_macro_f1": macro_f1,
             "ari": ari,
             "nmi": nmi,
         }

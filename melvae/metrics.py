@@ -263,7 +263,7 @@ def _cv_knn_folds(
     return repeats
 
 
-def cv_knn_accuracy(
+def cv_knn_scores(
     latent: ArrayLike,
     labels: ArrayLike,
     *,
@@ -271,28 +271,17 @@ def cv_knn_accuracy(
     n_splits: int = 5,
     n_repeats: int = 3,
     seed: int = 0,
-) -> float:
-    """k-NN accuracy by repeated stratified k-fold cross-validation over all labelled cells.
+) -> tuple[float, float]:
+    """(accuracy, macro F1) of k-NN by repeated stratified k-fold cross-validation.
 
-    Every cell is predicted once per repeat from the others, so the score rests on all cells
-    rather than on a small validation split; averaged over `n_repeats` shuffles.
+    Every labelled cell is predicted once per repeat from the others, so the scores rest on all
+    cells rather than on a small validation split; each is averaged over `n_repeats` shuffles.
+    Macro F1 weighs rare cell types as much as common ones.
     """
     folds = _cv_knn_folds(latent, labels, k=k, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
-    return float(np.mean([np.mean(t == p) for t, p in folds]))
-
-
-def cv_knn_macro_f1(
-    latent: ArrayLike,
-    labels: ArrayLike,
-    *,
-    k: int = 15,
-    n_splits: int = 5,
-    n_repeats: int = 3,
-    seed: int = 0,
-) -> float:
-    """Macro F1 of the cross-validated k-NN of `cv_knn_accuracy` (rare types weigh as much)."""
-    folds = _cv_knn_folds(latent, labels, k=k, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
-    return float(np.mean([f1_score(t, p, average="macro", zero_division=0) for t, p in folds]))
+    accuracy = np.mean([np.mean(t == p) for t, p in folds])
+    macro_f1 = np.mean([f1_score(t, p, average="macro", zero_division=0) for t, p in folds])
+    return float(accuracy), float(macro_f1)
 
 
 def bio_score(

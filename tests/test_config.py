@@ -9,20 +9,29 @@ import pytest
 from melvae.errors import InputError
 from melvae.study.config import DEFAULT_STUDY, load_study_config
 
+# The original architecture: one plain hidden layer each side, no KL warm-up.
+ORIGINAL_ARCHITECTURE = {"n_layers": 1, "dropout": 0.0, "norm": "none", "kl_warmup_epochs": 0}
 DOCUMENTED_EXPERIMENTS = [
     {"hidden_dim": 128, "latent_dim": 2, "learning_rate": 1e-4, "epochs": 200, "batch_size": 32},
     {"hidden_dim": 128, "latent_dim": 10, "learning_rate": 1e-4, "epochs": 100, "batch_size": 32},
     {"hidden_dim": 256, "latent_dim": 5, "learning_rate": 1e-3, "epochs": 100, "batch_size": 32},
 ]
+SEED_TRIALS = [experiment | ORIGINAL_ARCHITECTURE for experiment in DOCUMENTED_EXPERIMENTS]
 
 
 def test_default_study_seeds_the_three_documented_experiments_exactly():
     config = load_study_config(DEFAULT_STUDY)
-    assert [dict(trial) for trial in config.seed_trials] == DOCUMENTED_EXPERIMENTS
+    assert [dict(trial) for trial in config.seed_trials] == SEED_TRIALS
     assert {p.name for p in config.search} >= {"hidden_dim", "latent_dim", "learning_rate"}
+    # Unsearched settings are the original ones, so the seeds reproduce the original models.
+    fixed = config.fixed_params()
+    assert fixed["transform_likelihood"] == "minmax/bernoulli"
+    assert fixed["kl_weight"] == 1.0
     assert config.fallback == "pbmc68k_reduced"
     assert config.dataset == "gse115978_reference"
-    assert config.direction == "minimize"
+    assert config.objectives == ("val_loss", "bio_score")
+    assert config.directions == ["minimize", "maximize"]
+    assert config.selection.rule == "bio_within_loss"
     assert config.study_name("pbmc68k_reduced") == "melanoma-vae-pbmc68k_reduced"
 
 
@@ -43,7 +52,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ),
         (
             "[[seed_trials]]\nhidden_dim = 128\nlatent_dim = 2\nlearning_rate = 1e-3\n"
-            "epochs = 100\nbatch_size = 64",
+            "epochs = 100\nbatch_size = 64\nkl_weight = 0.5",
             "neither searched nor equal",
         ),
         ("[[seed_trials]]\nhidden_dim = 128", "does not set searched parameter"),
@@ -81,13 +90,57 @@ def test_missing_or_broken_study_file(tmp_path):
     ("old", "new", "message"),
     [
         ('type = "tpe"', 'type = "cmaes"', "unknown type 'cmaes'"),
-        ("n_warmup_steps = 20", "n_warmup_epochs = 20", "bad option"),
+        ("n_warmup_steps = 20", "n_warmup_epochs = 20", "unknown pruner option"),
+        ('type = "median"', 'type = "hyperband"', "cannot prune a multi-objective study"),
+        ('metrics = ["val_loss", "bio_score"]', 'metric = "bio_score"', "unknown type 'vibes'"),
     ],
 )
 def test_unknown_sampler_or_pruner_settings_are_named(tmp_path, old, new, message):
     from melvae.study.runner import create_study
 
     path = tmp_path / "study.toml"
-    path.write_text(DEFAULT_STUDY.read_text().replace(old, new))
+    text = DEFAULT_STUDY.read_text().replace(old, new)
+    if "vibes" in message:  # a single-objective study: Optuna's own pruners, checked by Optuna
+        text = text.replace('rule = "bio_within_loss"', 'rule = "objective"')
+        text = text.replace('type = "median"', 'type = "vibes"')
+    path.write_text(text)
     with pytest.raises(InputError, match=message):
         create_study(load_study_config(path), "x", f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_the_original_single_objective_study_stays_available(tmp_path):
+    path = tmp_path / "study.toml"
+    text = DEFAULT_STUDY.read_text()
+    path.write_text(
+        text.replace('metrics = ["val_loss", "bio_score"]', 'metric = "val_loss"').replace(
+            'rule = "bio_within_loss"', 'rule = "objective"'
+        )
+    )
+    config = load_study_config(path)
+    assert config.objectives == ("val_loss",)
+    assert not config.multi_objective
+    assert config.selection.describe(config.objectives) == "best val_loss"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('metrics = ["val_loss", "bio_score"]', 'metric = "val_loss"', "needs metrics"),
+        ("loss_tolerance = 0.02", "loss_tolerance = 0.02\nrules = 1", "unknown setting(s) rules"),
+        ('rule = "bio_within_loss"', 'rule = "vibes"', "unknown selection rule"),
+        ("loss_tolerance = 0.02", "loss_tolerance = -1", "loss_tolerance must be >= 0"),
+        ('metrics = ["val_loss"', 'metric = "val_loss"\nmetrics = ["val_loss"', "both metric"),
+        (
+            'choices = ["none", "layer"]',
+            'choices = ["none", "layer"]\n[search.transform_likelihood]\ntype = "categorical"\n'
+            'choices = ["minmax/bernoulli", "log1p/bernoulli"]',
+            "pair 'log1p/bernoulli' is not valid",
+        ),
+    ],
+)
+def test_objective_and_selection_mistakes_are_named(tmp_path, old, new, message):
+    path = tmp_path / "study.toml"
+    path.write_text(DEFAULT_STUDY.read_text().replace(old, new))
+    with pytest.raises(InputError) as error:
+        load_study_config(path)
+    assert message in str(error.value)

@@ -158,3 +158,65 @@ def test_recon_corr_skips_constant_cells_and_accepts_sparse_input():
 def test_recon_corr_rejects_shape_mismatch():
     with pytest.raises(InputError, match="shape"):
         metrics.recon_corr(np.ones((3, 4)), np.ones((3, 5)))
+
+
+def _blobs(n_per_class: int = 40, separation: float = 8.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["a", "b", "c"], n_per_class)
+    latent = rng.normal(size=(labels.size, 4))
+    latent[:, 0] += separation * (labels == "b")
+    latent[:, 1] += separation * (labels == "c")
+    return latent, labels
+
+
+def test_cross_validated_knn_scores_every_cell_from_the_others():
+    latent, labels = _blobs()
+    assert metrics.cv_knn_scores(latent, labels) == (1.0, 1.0)
+    rng = np.random.default_rng(1)
+    shuffled = rng.permutation(labels)
+    assert max(metrics.cv_knn_scores(latent, shuffled)) < 0.6  # chance is 1/3
+    with pytest.raises(metrics.MetricUndefinedError):
+        metrics.cv_knn_scores(latent, np.full(labels.size, "a"))
+
+
+def test_bio_score_is_the_mean_of_its_parts_with_silhouette_rescaled():
+    perfect = dict(silhouette=1.0, knn_accuracy=1.0, knn_macro_f1=1.0, ari=1.0, nmi=1.0)
+    assert metrics.bio_score(**perfect) == 1.0
+    assert metrics.bio_score(**(perfect | {"silhouette": -1.0})) == pytest.approx(0.8)
+
+
+def test_kmeans_agreement_equals_the_separate_metrics():
+    latent, labels = _blobs(separation=2.0)
+    assert metrics.kmeans_agreement(latent, labels, seed=3) == (
+        metrics.kmeans_ari(latent, labels, seed=3),
+        metrics.kmeans_nmi(latent, labels, seed=3),
+    )
+
+
+def test_stratified_subsample_keeps_every_class_and_its_share():
+    labels = np.array(["a"] * 900 + ["b"] * 90 + ["c"] * 10)
+    keep = metrics.stratified_subsample(labels, 100, seed=0)
+    assert keep.size == 100
+    assert dict(zip(*np.unique(labels[keep], return_counts=True), strict=True)) == {
+        "a": 90,
+        "b": 9,
+        "c": 1,
+    }
+    assert np.array_equal(keep, metrics.stratified_subsample(labels, 100, seed=0))
+    assert np.array_equal(metrics.stratified_subsample(labels, 5000), np.arange(1000))
+
+
+def test_bio_conservation_is_stable_across_resampling_seeds_on_real_cells(pbmc):
+    from sklearn.decomposition import PCA
+
+    from melvae.evaluate import BIO_METRICS, bio_conservation
+
+    x = pbmc.X.toarray() if hasattr(pbmc.X, "toarray") else np.asarray(pbmc.X)
+    latent = PCA(n_components=10, random_state=0).fit_transform(x)
+    labels = pbmc.obs["cell_type"].to_numpy()
+    scores = [bio_conservation(latent, labels, seed=seed) for seed in range(5)]
+    assert set(scores[0]) == set(BIO_METRICS)
+    assert 0 < scores[0]["bio_score"] < 1
+    # Resampling noise far below the differences between models it must tell apart (~0.05+).
+    assert np.std([s["bio_score"] for s in scores]) < 0.01
+    assert bio_conservation(latent, np.full(labels.size, "one")) == {}

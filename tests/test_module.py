@@ -86,3 +86,35 @@ def test_loss_noise_comes_from_the_given_generator() -> None:
 def test_unknown_likelihood_is_an_input_error() -> None:
     with pytest.raises(InputError, match="poisson"):
         VAEModule(n_genes=5, hidden_dim=4, latent_dim=2, likelihood="poisson")  # type: ignore[arg-type]
+
+
+def test_default_architecture_is_the_original_parameter_for_parameter() -> None:
+    module = VAEModule(n_genes=6, hidden_dim=4, latent_dim=2)
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    assert shapes == {
+        "encoder.0.weight": (4, 6),
+        "encoder.0.bias": (4,),
+        "mu.weight": (2, 4),
+        "mu.bias": (2,),
+        "logvar.weight": (2, 4),
+        "logvar.bias": (2,),
+        "decoder.0.weight": (4, 2),
+        "decoder.0.bias": (4,),
+        "decoder.2.weight": (6, 4),
+        "decoder.2.bias": (6,),
+    }
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+def test_deeper_modules_with_norm_and_dropout_train_and_encode_deterministically(norm) -> None:
+    torch.manual_seed(0)
+    module = VAEModule(n_genes=10, hidden_dim=8, latent_dim=3, n_layers=3, dropout=0.2, norm=norm)
+    linear = [m for m in module.encoder if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 3
+    x = torch.rand(16, 10)
+    module.train()
+    module.loss(x).total.backward()
+    module.eval()  # dropout off, batch norm on running statistics: encoding is repeatable
+    assert torch.equal(module.encode(x)[0], module.encode(x)[0])
+    with pytest.raises(InputError, match="bad architecture"):
+        VAEModule(n_genes=10, hidden_dim=8, latent_dim=3, n_layers=0)

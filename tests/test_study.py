@@ -27,9 +27,9 @@ from melvae import track
 from melvae.errors import InputError
 from melvae.study.__main__ import main
 from melvae.study.config import DEFAULT_STUDY, load_study_config
-from melvae.study.runner import run_study
+from melvae.study.runner import best_complete_trial, run_study
 from melvae.train import NonFiniteLossError
-from tests.test_config import DOCUMENTED_EXPERIMENTS
+from tests.test_config import SEED_TRIALS
 
 EPOCH_METRICS = {"train_loss", "val_loss", "train_recon", "train_kl", "val_recon", "val_kl"}
 FINAL_METRICS = {
@@ -96,9 +96,14 @@ def _runs(experiment_name: str) -> pd.DataFrame:
     return mlflow.search_runs([experiment.experiment_id], output_format="pandas")
 
 
+def _champion(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    return best_complete_trial(study, load_study_config())
+
+
 def test_study_runs_offline_on_the_announced_fallback(tracked):
     assert tracked["exit_codes"] == (0, 0)
-    assert f"best: trial {tracked['study'].best_trial.number}," in tracked["stdout"]
+    assert f"champion: trial {_champion(tracked['study']).number}," in tracked["stdout"]
+    assert "chosen by: highest bio_score on the Pareto front" in tracked["stdout"]
     runs = _runs(STUDY)
     parents = runs[runs["tags.role"] == "study-run"]
     assert len(parents) == 2
@@ -111,9 +116,9 @@ def test_seed_trials_come_first_exactly_and_are_not_repeated_on_resume(tracked):
     study = tracked["study"]
     assert tracked["trials_after_first"] == 4
     assert len(study.trials) == 5
-    for trial, expected in zip(study.trials[:3], DOCUMENTED_EXPERIMENTS, strict=True):
-        searched = {key: value for key, value in expected.items() if key != "batch_size"}
-        assert trial.params == searched
+    assert len(study.directions) == 2  # the default study is multi-objective
+    for trial, expected in zip(study.trials[:3], SEED_TRIALS, strict=True):
+        assert trial.params == expected
         assert trial.user_attrs["seed_trial"] is True
     assert not any(t.user_attrs.get("seed_trial") for t in study.trials[3:])
 
@@ -130,7 +135,7 @@ def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(tracke
         assert [m.step for m in history] == [0, 1, 2]
         assert {
             col.removeprefix("metrics.") for col in run.index if pd.notna(run[col])
-        } >= EPOCH_METRICS | FINAL_METRICS
+        } >= EPOCH_METRICS | FINAL_METRICS | {"bio_score"}
         assert -1 <= run["metrics.silhouette"] <= 1
         assert 0 <= run["metrics.knn_accuracy"] <= 1
         assert run["params.hidden_dim"] in {"64", "128", "256", "512"}
@@ -142,22 +147,54 @@ def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(tracke
         runs.columns
     )
     parent_plots = {a.path for a in client.list_artifacts(parent["run_id"], "plots")}
-    assert "plots/optimization_history.png" in parent_plots
+    assert "plots/pareto_front.png" in parent_plots
+
+
+def test_baselines_are_runs_with_the_trials_metric_names_and_margins(tracked):
+    runs = _runs(STUDY)
+    baselines = runs[runs["tags.baseline"] == "true"]
+    names = set(baselines["tags.mlflow.runName"])
+    latent = _champion(tracked["study"]).params["latent_dim"]
+    expected = {f"baseline-pca-{latent}", "baseline-pca-10"} | {
+        f"baseline-experiment-{i}" for i in (1, 2, 3)
+    }
+    assert expected <= names  # two `run`s: each logs its own set
+    trial = runs[runs["tags.mlflow.runName"] == "trial-0"].iloc[0]
+    trial_metrics = {c for c in runs.columns if c.startswith("metrics.") and pd.notna(trial[c])}
+    test_metrics = {f"metrics.test_{name}" for name in FINAL_METRICS}
+    for _, baseline in baselines.iterrows():
+        logged = {c for c in runs.columns if c.startswith("metrics.") and pd.notna(baseline[c])}
+        assert logged >= (trial_metrics - {f"metrics.{m}" for m in EPOCH_METRICS}) - {
+            "metrics.best_epoch",
+            "metrics.best_val_loss",
+        }
+        assert logged >= test_metrics
+    parent = runs[runs["tags.role"] == "study-run"].iloc[0]
+    margins = {f"metrics.margin_test_{name}" for name in FINAL_METRICS}
+    assert margins <= set(runs.columns)
+    assert parent[sorted(margins)].notna().all()
+    assert parent["tags.selection_rule"].startswith("highest bio_score")
+    summary = tracked["stdout"]
+    assert "champion vs baselines" in summary
+    assert "margin (champion - best baseline)" in summary
+    assert "pca-10" in summary and "experiment-3" in summary
 
 
 def test_best_trial_is_champion_and_loads_for_embedding(tracked):
-    study = tracked["study"]
+    best = _champion(tracked["study"])
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
-    assert float(champion.tags["objective_value"]) == pytest.approx(study.best_value)
-    assert champion.tags["trial_number"] == str(study.best_trial.number)
+    assert champion.tags["objective"] == "bio_score"
+    assert float(champion.tags["objective_value"]) == pytest.approx(best.user_attrs["bio_score"])
+    assert champion.tags["trial_number"] == str(best.number)
+    assert champion.tags["selection_rule"].startswith("highest bio_score on the Pareto front")
 
     model = melvae.load_model("models:/melvae-pbmc68k_reduced@champion")
     from melvae.data.datasets import load_dataset
 
     cells = load_dataset("pbmc68k_reduced").adata[:50].copy()
     latent = model.encode(cells)
-    assert latent.shape == (50, study.best_trial.params["latent_dim"])
+    assert latent.shape == (50, best.params["latent_dim"])
     assert np.isfinite(latent).all()
     model.embed(cells)
     np.testing.assert_allclose(cells.obsm["X_melvae"], latent)
@@ -175,7 +212,10 @@ def test_best_trial_is_champion_and_loads_for_embedding(tracked):
 def test_best_and_promote_commands_report_the_champion(tracked, capsys):
     assert main(["best"]) == 0
     out = capsys.readouterr().out
-    assert f"best trial {tracked['study'].best_trial.number}" in out
+    assert f"champion trial {_champion(tracked['study']).number}" in out
+    assert "chosen by: highest bio_score" in out
+    assert "held-out test metrics (never used for selection)" in out
+    assert "test_knn_macro_f1" in out
     assert "MLflow run:" in out
     assert main(["promote"]) == 0
     assert "not better than @champion" in capsys.readouterr().out
@@ -320,7 +360,11 @@ def test_a_non_finite_loss_fails_that_trial_only(tmp_path, monkeypatch):
 def test_a_pruned_trial_is_tagged_pruned(tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
-    config = load_study_config(_quick_config(tmp_path, **{'name = "melanoma-vae"': 'name = "pr"'}))
+    single = {'metrics = ["val_loss", "bio_score"]': 'metric = "val_loss"'}
+    single['rule = "bio_within_loss"'] = 'rule = "objective"'
+    config = load_study_config(
+        _quick_config(tmp_path, **{'name = "melanoma-vae"': 'name = "pr"'}, **single)
+    )
     outcome = run_study(config, n_trials=2, epochs_cap=2, progress=False)
     assert outcome.study.trials[1].state == optuna.trial.TrialState.PRUNED
     runs = _runs("pr-pbmc68k_reduced").set_index("tags.mlflow.runName")
@@ -353,9 +397,29 @@ def test_a_study_trains_on_the_real_melanoma_t_cells(tmp_path, monkeypatch, tcel
         _quick_config(tmp_path, **{"n_top_genes = 2000": "n_top_genes = 1000"})
     )
     outcome = run_study(config, data_path=tcell_subset, n_trials=1, epochs_cap=20, progress=False)
-    trial = outcome.study.best_trial
+    trial = outcome.study.trials[0]
     assert outcome.study.study_name == "melanoma-vae-sadefeldman2018_gse120575_tcells_subset"
     assert trial.params["latent_dim"] == 2
     assert 0 < trial.user_attrs["recon_corr"] <= 1
     # Eight author clusters, the largest 26 %: k-NN in the latent must beat guessing the majority.
     assert trial.user_attrs["knn_accuracy"] > 0.3
+
+
+def test_unlabelled_data_run_a_fit_only_study_and_say_so(tmp_path, monkeypatch, capsys, pbmc):
+    _offline(monkeypatch, tmp_path)
+    cells = pbmc[:300].copy()
+    cells.obs = cells.obs[[]]  # no label column at all
+    path = tmp_path / "unlabelled.h5ad"
+    cells.write_h5ad(path)
+    code = main(["run", "--data", str(path), "--n-trials", "2", "--epochs", "2", "--quiet"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "selects on model fit ONLY (objective val_loss)" in captured.err
+    assert "chosen by: best val_loss" in captured.out
+    study = optuna.load_study(
+        study_name="melanoma-vae-unlabelled", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    )
+    assert len(study.directions) == 1
+    assert all("bio_score" not in t.user_attrs for t in study.trials)
+    baselines = _runs("melanoma-vae-unlabelled").query("`tags.baseline` == 'true'")
+    assert len(baselines) == 5 and baselines["metrics.test_recon_corr"].notna().all()

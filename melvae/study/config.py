@@ -103,11 +103,16 @@ class StudyConfig:
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    def pairs(self) -> list[str]:
+        """Every "transform/likelihood" pair a trial of this study may use."""
+        pairs = [self.fixed_params()["transform_likelihood"]]
+        return pairs + [
+            c for p in self.search if p.name == "transform_likelihood" for c in p.choices
+        ]
+
     def transforms(self) -> set[str]:
         """Every preprocessing transform a trial of this study may use."""
-        pairs = [self.fixed_params()["transform_likelihood"]]
-        pairs += [c for p in self.search if p.name == "transform_likelihood" for c in p.choices]
-        return {split_pair(pair)[0] for pair in pairs}
+        return {split_pair(pair)[0] for pair in self.pairs()}
 
     def fit_only(self) -> StudyConfig:
         """This study without its label objectives: for data that have no cell-type labels."""
@@ -305,9 +310,7 @@ def _check_selection(config: StudyConfig) -> None:
 
 def _check_architecture(config: StudyConfig) -> None:
     where = str(config.path)
-    pairs = [config.fixed_params()["transform_likelihood"]]
-    pairs += [c for p in config.search if p.name == "transform_likelihood" for c in p.choices]
-    for pair in pairs:
+    for pair in config.pairs():
         transform, likelihood = split_pair(pair)
         if transform not in COMPATIBLE_TRANSFORMS.get(likelihood, ()):
             valid = [f"{t}/{lik}" for lik, ts in COMPATIBLE_TRANSFORMS.items() for t in ts]
@@ -325,8 +328,6 @@ def _check_architecture(config: StudyConfig) -> None:
 
 def _check_consistency(config: StudyConfig) -> None:
     where = str(config.path)
-    _check_selection(config)
-    _check_architecture(config)
     if config.likelihood not in LIKELIHOODS:
         raise InputError(
             f"unknown likelihood {config.likelihood!r}",
@@ -341,6 +342,8 @@ def _check_consistency(config: StudyConfig) -> None:
             where=f"{where} [objective] metric",
             fix=f"use one of {', '.join(OBJECTIVE_METRICS)}",
         )
+    _check_selection(config)
+    _check_architecture(config)
     searched = {param.name: param for param in config.search}
     fixed = config.fixed_params()
     for index, trial in enumerate(config.seed_trials):

@@ -30,6 +30,7 @@ from melvae.study.baselines import (
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
 from melvae.study.progress import trial_progress
+from melvae.study.pruning import epoch_pruner
 from melvae.study.recovery import requeue_when_stopped, worker_id
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
@@ -120,8 +121,7 @@ def create_study(
 
     Safe for many workers starting at once on a fresh database: creation is serialised.
     """
-    sampler = _sampler(config)  # bad settings fail before any write
-    pruner = _pruner(config) if not config.multi_objective else optuna.pruners.NopPruner()
+    sampler, pruner = _sampler(config), _pruner(config)  # bad settings fail before any write
     with first_time_lock(storage):
         rdb = open_storage(storage, heartbeat=heartbeat)
         return _create_study(config, dataset_key, rdb, sampler, pruner)
@@ -175,6 +175,11 @@ def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
 
 
 def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    if config.multi_objective:
+        # Optuna cannot prune these; the trials prune themselves (melvae.study.pruning). Built
+        # here too so a bad [pruner] table fails before anything is written.
+        epoch_pruner(config.pruner, multi_objective=True, where=f"{config.path} [pruner]")
+        return optuna.pruners.NopPruner()
     pruners = {
         "median": optuna.pruners.MedianPruner,
         "hyperband": optuna.pruners.HyperbandPruner,
