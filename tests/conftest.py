@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import http.server
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -137,3 +139,26 @@ def postgres() -> Iterator[Postgres]:
     finally:
         subprocess.run(_as_postgres([*pg_ctl, "-m", "fast", "stop"]), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def process_group(command: list[str], **popen: object) -> Iterator[subprocess.Popen]:
+    """Run a server command in a session of its own and end the whole group on exit.
+
+    `mlflow ui/server/models serve` start uvicorn workers and job consumers; ending only the
+    top process leaves them running (orphaned) for the rest of the suite.
+    """
+    process = subprocess.Popen(command, start_new_session=True, **popen)
+    try:
+        yield process
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # stragglers of an already-ended leader

@@ -15,6 +15,7 @@ import optuna
 import pytest
 import sqlalchemy
 
+from tests.conftest import process_group
 from tests.workers import (
     QUICK,
     STUDY,
@@ -40,22 +41,18 @@ def mlflow_server(postgres, tmp_path):
     command += ["--artifacts-destination", str(tmp_path / "artifacts")]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = (tmp_path / "mlflow-server.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
-                break
-        except OSError:
-            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
-    try:
+    with process_group(command, stdout=log, stderr=subprocess.STDOUT) as server:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
         yield url, store
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from melvae.study.__main__ import main
 from melvae.study.config import DEFAULT_STUDY, load_study_config
 from melvae.study.runner import best_complete_trial, run_study
 from melvae.train import NonFiniteLossError
+from tests.conftest import process_group
 from tests.test_config import SEED_TRIALS
 
 EPOCH_METRICS = {"train_loss", "val_loss", "train_recon", "train_kl", "val_recon", "val_kl"}
@@ -260,7 +260,7 @@ def test_mlflow_models_serve_answers_like_encode(tracked):
     cells = load_dataset("pbmc68k_reduced").adata[:5, model.genes].copy()
     port = _free_port()
     serve = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
-    process = subprocess.Popen(
+    with process_group(
         [sys.executable, "-m", *serve, "--host", "127.0.0.1", "--port", str(port)],
         cwd=tracked["workdir"],
         env=os.environ
@@ -271,9 +271,7 @@ def test_mlflow_models_serve_answers_like_encode(tracked):
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    ) as process:
         base = f"http://127.0.0.1:{port}"
         _wait_until_up(f"{base}/ping", process, seconds=180)
         frame = pd.DataFrame(cells.X.toarray(), columns=model.genes, index=cells.obs_names)
@@ -285,11 +283,7 @@ def test_mlflow_models_serve_answers_like_encode(tracked):
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = pd.DataFrame(json.loads(response.read())["predictions"])
-        np.testing.assert_allclose(predictions.to_numpy(), model.encode(cells), rtol=1e-5)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    np.testing.assert_allclose(predictions.to_numpy(), model.encode(cells), rtol=1e-5)
 
 
 def _wait_until_up(url: str, process: subprocess.Popen, *, seconds: float) -> None:
@@ -307,20 +301,12 @@ def _wait_until_up(url: str, process: subprocess.Popen, *, seconds: float) -> No
 
 
 def test_ui_serves_the_study_page(tracked):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "melvae.study", "ui"],
-        cwd=tracked["workdir"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        first_line = process.stdout.readline()
+    command = [sys.executable, "-m", "melvae.study", "ui"]
+    with process_group(command, cwd=tracked["workdir"], stdout=subprocess.PIPE, text=True) as ui:
+        first_line = ui.stdout.readline()
         url = re.search(r"(http://127\.0\.0\.1:\d+)/#/experiments/\d+/runs", first_line)
         assert url, first_line
-        _wait_until_up(f"{url.group(1)}/health", process, seconds=90)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        _wait_until_up(f"{url.group(1)}/health", ui, seconds=180)
 
 
 def _quick_config(tmp_path: Path, **replacements: str) -> Path:
