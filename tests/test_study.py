@@ -408,4 +408,6 @@ def test_unlabelled_data_run_a_fit_only_study_and_say_so(tmp_path, monkeypatch, 
     assert len(study.directions) == 1
     assert all("bio_score" not in t.user_attrs for t in study.trials)
     baselines = _runs("melanoma-vae-unlabelled").query("`tags.baseline` == 'true'")
-    assert len(baselines) == 5 and baselines["metrics.test_recon_corr"].notna().all()
+    names = set(baselines["tags.mlflow.runName"])
+    assert names >= {"baseline-pca-10"} | {f"baseline-experiment-{i}" for i in (1, 2, 3)}
+    assert baselines["metrics.test_recon_corr"].notna().all()

@@ -25,6 +25,7 @@ from melvae.study.runner import (
     best_complete_trial,
     create_experiment,
     create_study,
+    effective_config,
     prepare_data,
     promote_best,
     run_study,
@@ -156,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
     print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
+    config = effective_config(outcome.study, config)
     best = best_complete_trial(outcome.study, config)
     if best is not None:
         values = ", ".join(
@@ -209,6 +211,7 @@ def _find_study(args: argparse.Namespace, config: StudyConfig) -> optuna.Study:
 def _best(args: argparse.Namespace) -> int:
     config = load_study_config(args.study)
     study = _find_study(args, config)
+    config = effective_config(study, config)
     best = best_complete_trial(study, config)
     if best is None:
         print(f"study {study.study_name!r} has no completed trial yet")

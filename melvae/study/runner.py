@@ -387,13 +387,22 @@ def best_complete_trial(
     if config is None:
         objectives, directions, rule = ("value",), [study.direction.name.lower()], SelectionRule()
     else:
+        config = effective_config(study, config)
         objectives, directions, rule = config.objectives, config.directions, config.selection
     return select_champion(completed_with_model(study), rule, objectives, directions)
+
+
+def effective_config(study: optuna.Study, config: StudyConfig) -> StudyConfig:
+    """The study file as this study ran it: a study of unlabelled data selects on fit alone."""
+    if len(study.directions) != len(config.objectives) and config.objective == "val_loss":
+        return config.fit_only()
+    return config
 
 
 def promote_best(study: optuna.Study, config: StudyConfig, dataset_key: str) -> Registration | None:
     """Register the champion; it takes the `champion` alias only if it beats the holder on the
     rule's ranked metric. The rule is recorded as a version tag."""
+    config = effective_config(study, config)
     best = best_complete_trial(study, config)
     if best is None:
         return None
