@@ -27,11 +27,11 @@ from melvae.errors import InputError
 from melvae.study.__main__ import main
 from melvae.study.config import DEFAULT_STUDY, load_study_config
 from melvae.study.runner import best_complete_trial, run_study
-from melvae.train import NonFiniteLossError
+from melvae.train import METRIC_NAMES, NonFiniteLossError
 from tests.conftest import process_group
 from tests.test_config import SEED_TRIALS
 
-EPOCH_METRICS = {"train_loss", "val_loss", "train_recon", "train_kl", "val_recon", "val_kl"}
+EPOCH_METRICS = set(METRIC_NAMES)  # per-epoch losses and epoch timings
 FINAL_METRICS = {
     "silhouette",
     "davies_bouldin",
@@ -159,6 +159,11 @@ def test_baselines_are_runs_with_the_trials_metric_names_and_margins(tracked):
         f"baseline-experiment-{i}" for i in (1, 2, 3)
     }
     assert expected <= names  # two `run`s: each logs its own set
+    # The documented experiments ran as seed trials with the same epoch budget: reloaded, not
+    # trained again.
+    reused = baselines.dropna(subset=["tags.reused_trial"])
+    assert set(reused["tags.mlflow.runName"]) == {f"baseline-experiment-{i}" for i in (1, 2, 3)}
+    assert set(reused["tags.reused_trial"]) == {"0", "1", "2"}
     trial = runs[runs["tags.mlflow.runName"] == "trial-0"].iloc[0]
     trial_metrics = {c for c in runs.columns if c.startswith("metrics.") and pd.notna(trial[c])}
     test_metrics = {f"metrics.test_{name}" for name in FINAL_METRICS}

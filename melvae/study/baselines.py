@@ -1,15 +1,19 @@
 """Baselines in every study: PCA and the original study's experiments, scored like the champion.
 
-Each `run` trains the three documented experiments to the end (no pruning) and fits PCA with the
-champion's latent size and with 10 components, on the same split and preprocessing as the trials,
-and scores them with the same metric names: validation metrics, the selection score
+Each `run` scores the three documented experiments trained to the end (no pruning) and PCA with
+the champion's latent size and with 10 components, on the same split and preprocessing as the
+trials, with the same metric names: validation metrics, the selection score
 (`bio_*`), and held-out `test_*` metrics. Each is an MLflow run of its own tagged `baseline`, and
 the parent run gets the champion's margin over the best baseline per test metric, so a user sees
-at a glance whether the VAE earned its keep.
+at a glance whether the VAE earned its keep. A documented experiment that the study already ran
+to completion as a seed trial with the same epoch budget is reloaded from that trial rather than
+trained again (the run is tagged `reused_trial`); PCA is fitted on the same bounded, stratified
+subsample of training cells as the metrics (`metric_cells`), so it never densifies an atlas.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -20,13 +24,16 @@ from sklearn.decomposition import PCA
 
 from melvae import track
 from melvae.preprocess import Preprocessor, align_genes
+from melvae.register import load_model
 from melvae.study.config import StudyConfig
 from melvae.study.objective import (
+    EPOCHS_ATTR,
     Embedding,
     PreparedData,
     bio_metrics,
     evaluate_model,
     fit_with_params,
+    metric_cells,
 )
 
 PCA_SIZES = (10,)  # besides the champion's own latent size
@@ -96,7 +103,8 @@ def build(
     """Fit the baseline on the study's training split."""
     params = dict(baseline.params)
     if params.pop("method") == "pca":
-        return PCAEmbedding(data.preprocessor, data.train, int(params["n_components"]))
+        cells, _ = metric_cells(data, "train")
+        return PCAEmbedding(data.preprocessor, cells, int(params["n_components"]))
     if epochs_cap is not None:
         params["epochs"] = min(int(params["epochs"]), epochs_cap)
     return fit_with_params(config, data, params, progress=progress)
@@ -108,10 +116,13 @@ def run_baselines(
     champion: optuna.trial.FrozenTrial,
     *,
     experiment_id: str,
+    tracking_uri: str,
+    completed: Sequence[optuna.trial.FrozenTrial] = (),
     epochs_cap: int | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Fit, score and log every baseline as a nested run tagged `baseline`; name -> metrics."""
+    """Fit (or reload from `completed` trials), score and log every baseline as a nested run
+    tagged `baseline`; name -> metrics."""
     latent_dim = int(champion.params.get("latent_dim", config.latent_dim))
     results = {}
     tags = {"baseline": "true", "dataset": data.dataset_key}
@@ -119,10 +130,35 @@ def run_baselines(
         run_name = f"baseline-{baseline.name}"
         with track.nested_run(experiment_id, run_name=run_name, tags=tags):
             track.log_params(baseline.params)
-            model = build(baseline, config, data, epochs_cap=epochs_cap, progress=progress)
+            trained = trained_as_trial(baseline, completed, epochs_cap)
+            if trained is None:
+                model = build(baseline, config, data, epochs_cap=epochs_cap, progress=progress)
+            else:
+                track.log_tags({"reused_trial": trained.number})
+                model = load_model(trained.user_attrs["model_uri"], tracking_uri=tracking_uri)
             results[baseline.name] = score(model, data)
             track.log_metrics(results[baseline.name])
     return results
+
+
+def trained_as_trial(
+    baseline: Baseline, completed: Sequence[optuna.trial.FrozenTrial], epochs_cap: int | None
+) -> optuna.trial.FrozenTrial | None:
+    """The completed seed trial that trained exactly this documented experiment with the epoch
+    budget the baseline would get now, if the study has one."""
+    if baseline.params["method"] != "vae":
+        return None
+    epochs = int(baseline.params["epochs"])
+    epochs = epochs if epochs_cap is None else min(epochs, epochs_cap)
+    for trial in completed:
+        same = all(baseline.params.get(name) == value for name, value in trial.params.items())
+        if (
+            trial.user_attrs.get("seed_trial")
+            and trial.user_attrs.get(EPOCHS_ATTR) == epochs
+            and same
+        ):
+            return trial
+    return None
 
 
 def margins_over_best(

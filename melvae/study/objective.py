@@ -34,6 +34,8 @@ FINAL_METRICS = (
 # Final metrics and the t-SNE use at most this many cells of a split (a stratified subsample,
 # the same for every trial): silhouette is quadratic in cells and t-SNE worse.
 EVAL_MAX_CELLS = 5000
+# The epoch budget a trial trained with (after `run --epochs`), so baselines can reuse it.
+EPOCHS_ATTR = "epochs_budget"
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Objective:
         tags = {"study": self.study_name, "dataset": self.data.dataset_key}
         with track.trial_run(self.experiment_id, trial_number=trial.number, tags=tags) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr(EPOCHS_ATTR, params["epochs"])
             track.log_params(self._run_params(params))
             try:
                 model = self._fit(trial, params)

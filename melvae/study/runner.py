@@ -347,7 +347,13 @@ def _summarise_parent(
     track.log_metrics(champion)
     study.set_user_attr(CHAMPION_TEST_ATTR, {"trial": best.number, **champion})
     baselines = run_baselines(
-        config, data, best, experiment_id=experiment_id, epochs_cap=epochs_cap
+        config,
+        data,
+        best,
+        experiment_id=experiment_id,
+        tracking_uri=tracking_uri,
+        completed=completed_with_model(study),
+        epochs_cap=epochs_cap,
     )
     track.log_metrics(margins_over_best(champion, baselines))
     registration = promote_best(study, config, data.dataset_key)
