@@ -15,9 +15,10 @@ QUICK = ["--n-trials", "1", "--epochs", "1", "--quiet"]
 STUDY_FILE_MISTAKES = {
     "n_trials negative": ("n_trials = 20", "n_trials = -5", "[budget] n_trials"),
     "timeout zero": ("# timeout = 3600", "timeout = 0", "[budget] timeout"),
-    "range low above high": ("low = 2\nhigh = 16", "low = 16\nhigh = 2", "[search.latent_dim]"),
-    "latent size 0": ("low = 2\nhigh = 16", "low = 0\nhigh = 16", "[search.latent_dim]"),
+    "range low above high": ("low = 2\nhigh = 32", "low = 32\nhigh = 2", "[search.latent_dim]"),
+    "latent size 0": ("low = 2\nhigh = 32", "low = 0\nhigh = 32", "[search.latent_dim]"),
     "hidden size 0": ("choices = [64, 128", "choices = [0, 128", "[search.hidden_dim]"),
+    "no hidden layer": ('int"\nlow = 1\nhigh = 3', 'int"\nlow = 0\nhigh = 3', "[search.n_layers]"),
     "learning rate negative": (
         "low = 1e-4\nhigh = 1e-2\nlog = true",
         "low = -1e-2\nhigh = 1e-2\nlog = false",

@@ -202,6 +202,9 @@ _LOWER_BOUNDS = {
     "batch_size": (1, True),
     "learning_rate": (0, False),
     "kl_weight": (0, True),
+    "kl_warmup_epochs": (0, True),
+    "n_layers": (1, True),
+    "dropout": (0, True),
 }
 
 
@@ -215,7 +218,7 @@ def _check_budget_and_ranges(config: StudyConfig) -> None:
                 where=f"{where} [budget] {key}",
                 fix=f"give a positive {key}, or remove it for the default",
             )
-    for key in ("hidden_dim", "latent_dim"):
+    for key in ("hidden_dim", "latent_dim", "n_layers", "dropout"):
         _check_lower_bound(key, getattr(config, key), f"{where} [model] {key}")
     for param in config.search:
         place = f"{where} [search.{param.name}]"
