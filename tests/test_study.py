@@ -239,7 +239,7 @@ def test_every_completed_trial_reloads_and_the_champion_loads_without_pickle(tra
     champion_uri = "models:/melvae-pbmc68k_reduced@champion"
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")
-    assert version.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    assert version.run_id == _champion(study).user_attrs["mlflow_run_id"]
     files = Path(
         mlflow.artifacts.download_artifacts(champion_uri, dst_path=str(tracked["workdir"]))
     )

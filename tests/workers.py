@@ -109,3 +109,13 @@ def runs_by_status(tracking_uri: str) -> dict[str, list[mlflow.entities.Run]]:
     for run in client.search_runs([experiment.experiment_id], max_results=1000):
         groups.setdefault(run.info.status, []).append(run)
     return groups
+
+
+def assert_champion_is_a_completed_trial(champion, trials) -> None:
+    """The registry's champion is a COMPLETE trial's model, ranked by that trial's bio_score
+    (the default study's selection rule ranks champions across runs on bio_score)."""
+    by_run = {t.user_attrs.get("mlflow_run_id"): t for t in trials}
+    trial = by_run[champion.run_id]
+    assert trial.state.name == "COMPLETE"
+    assert champion.tags["objective"] == "bio_score"
+    assert float(champion.tags["objective_value"]) == trial.user_attrs["bio_score"]
