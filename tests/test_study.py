@@ -250,7 +250,7 @@ def test_every_completed_trial_reloads_and_the_champion_loads_without_pickle(tra
     example = json.loads((files / "input_example.json").read_text())
     assert example["columns"] == champion.genes
     assert len(example["data"]) == 3
-    trained = melvae.load_model(study.best_trial.user_attrs["model_uri"]).module.state_dict()
+    trained = melvae.load_model(_champion(study).user_attrs["model_uri"]).module.state_dict()
     for name, weights in champion.module.state_dict().items():
         assert torch.equal(weights, trained[name]), name
 
