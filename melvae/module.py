@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melvae.errors import InputError
+from melvae.layers import WideLinear
 
 Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
@@ -36,12 +37,19 @@ class LossParts(NamedTuple):
 
 
 def hidden_stack(
-    in_dim: int, hidden_dim: int, n_layers: int, *, norm: str, dropout: float
+    in_dim: int,
+    hidden_dim: int,
+    n_layers: int,
+    *,
+    norm: str,
+    dropout: float,
+    first: type[nn.Linear] = nn.Linear,
 ) -> list[nn.Module]:
-    """`n_layers` blocks of Linear -> (norm) -> ReLU -> (dropout), the first reading `in_dim`."""
+    """`n_layers` blocks of Linear -> (norm) -> ReLU -> (dropout), the first (a `first`) reading
+    `in_dim`."""
     layers: list[nn.Module] = []
     for i in range(n_layers):
-        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim))
+        layers.append(first(in_dim, hidden_dim) if i == 0 else nn.Linear(hidden_dim, hidden_dim))
         if norm == "batch":
             layers.append(nn.BatchNorm1d(hidden_dim))
         elif norm == "layer":
@@ -88,11 +96,12 @@ class VAEModule(nn.Module):
             )
         self.likelihood = likelihood
         block = {"n_layers": n_layers, "norm": norm, "dropout": dropout}
-        self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block))
+        # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
+        self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
         self.logvar = nn.Linear(hidden_dim, latent_dim)
         self.decoder = nn.Sequential(
-            *hidden_stack(latent_dim, hidden_dim, **block), nn.Linear(hidden_dim, n_genes)
+            *hidden_stack(latent_dim, hidden_dim, **block), WideLinear(hidden_dim, n_genes)
         )
         if likelihood == "negative_binomial":
             self.log_theta = nn.Parameter(torch.zeros(n_genes))

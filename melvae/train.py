@@ -7,7 +7,8 @@ The validation loss is the negative ELBO with the full `kl_weight` and the same 
 epoch, so epochs compare without sampling noise or warm-up drift.
 
 Speed: Adam runs fused (one kernel over all weights instead of a loop over tensors) and losses are
-summed on the device, read back once per epoch rather than once per batch, so a step is the
+summed on the device, read back once per epoch rather than once per batch, and the gene-facing
+layers lay out their products for the CPU's BLAS (`melvae.layers.WideLinear`), so a step is the
 matrix products plus little else. The device (`TrainConfig.device`) is chosen in
 `melvae.device.resolve_device` only.
 """
