@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from melvae.errors import InputError
 from melvae.layers import WideLinear
+from melvae.losses import bernoulli_nll
 
 Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
@@ -140,16 +140,16 @@ class VAEModule(nn.Module):
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
-        recon = self._reconstruction_nll(x, self.decoder(z)).sum(dim=-1).mean()
+        recon = self._reconstruction_nll(x, self.decoder(z)).mean()
         kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1).mean()
         return LossParts(recon + kl_weight * kl, recon, kl)
 
     def _reconstruction_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Per-cell, per-gene negative log-likelihood of `x` given the decoder output."""
+        """Per-cell negative log-likelihood of `x` given the decoder output, summed over genes."""
         if self.likelihood == "bernoulli":
-            return F.binary_cross_entropy_with_logits(out, x, reduction="none")
+            return bernoulli_nll(out, x)
         if self.likelihood == "gaussian":
-            return 0.5 * (x - out).square()
+            return 0.5 * (x - out).square().sum(dim=-1)
         library = x.sum(dim=-1, keepdim=True)
         log_mu = torch.log_softmax(out, dim=-1) + torch.log(library.clamp_min(1e-8))
         log_theta = self.log_theta
@@ -162,4 +162,4 @@ class VAEModule(nn.Module):
             - torch.lgamma(theta)
             - torch.lgamma(x + 1)
         )
-        return -log_prob
+        return -log_prob.sum(dim=-1)
