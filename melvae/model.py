@@ -235,7 +235,9 @@ class MelVAE:
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
-            torch.save(self.module.state_dict(), tmp / WEIGHTS_FILE)
+            # CPU tensors: the file reads the same on any machine, whatever device trained it.
+            weights = {name: t.detach().cpu() for name, t in self.module.state_dict().items()}
+            torch.save(weights, tmp / WEIGHTS_FILE)
             (tmp / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
             _replace_dir(tmp, directory)
         except BaseException:

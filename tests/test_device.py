@@ -11,7 +11,7 @@ import torch
 
 from melvae.device import resolve_device
 from melvae.errors import InputError
-from melvae.model import MelVAE
+from melvae.model import WEIGHTS_FILE, MelVAE
 from melvae.preprocess import PreprocessConfig
 from melvae.study.__main__ import main
 from melvae.train import TrainConfig
@@ -76,7 +76,10 @@ def test_a_cuda_model_trains_and_encodes_on_the_gpu_and_loads_on_cpu(tmp_path) -
     model = _fit("cuda")
     assert model.device.type == "cuda"
     latent = model.encode(_cells())
-    loaded = MelVAE.load(model.save(tmp_path / "m"))
+    saved = model.save(tmp_path / "m")
+    file = torch.load(saved / WEIGHTS_FILE, weights_only=True)  # no map_location: as written
+    assert {t.device.type for t in file.values()} == {"cpu"}
+    loaded = MelVAE.load(saved)
     assert loaded.device.type == "cpu"
     np.testing.assert_allclose(loaded.encode(_cells()), latent, rtol=1e-4, atol=1e-5)
     assert model.decode(latent[:3]).shape == (3, 25)
