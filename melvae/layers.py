@@ -2,9 +2,10 @@
 
 The first encoder layer (genes → hidden) and the last decoder layer (hidden → genes) hold almost
 all of the model's weights, and each training step multiplies them by a thin batch (32 cells in the
-original study). How such a product is laid out changes the time a CPU BLAS takes by up to 2× for
-the same arithmetic. Measured in isolation with torch's MKL on 2 cores (32 cells × 17,994 genes ×
-hidden 256, ms per product; `bench/epoch_speed.py` times all five inside an epoch):
+original study). For such thin batches (up to `THIN_BATCH` cells) the layout of a product changes
+the time a CPU BLAS takes by up to 2× for the same arithmetic. Measured in isolation with torch's
+MKL on 2 cores (32 cells × 17,994 genes × hidden 256, ms per product; `bench/epoch_speed.py` times
+all five inside an epoch):
 
 | product                          | as `nn.Linear` does it | as done here                |
 |----------------------------------|------------------------|-----------------------------|
@@ -29,6 +30,10 @@ from torch import nn
 # Genes per block of the weight gradient: each block's gradient fits in the L2/L3 caches of a
 # desktop or server CPU (2,048 × 256 × 4 bytes = 2 MiB), the size measured fastest above.
 GENE_BLOCK = 2048
+# Batches of up to this many cells take the arranged products; wider ones (validation, encoding
+# in batches of 1,024) are faster the plain way: at 414 cells the decoder's forward took 50 ms
+# plain and 66 ms arranged, at 128 cells 24 and 22 ms, at 32 cells 8.4 and 6.6 ms.
+THIN_BATCH = 256
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,7 @@ class WideLinear(nn.Linear):
     """`nn.Linear` (same parameters and state dict) for a layer with a gene-sized side."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self.bias is None or x.dim() != 2:
+        thin = x.dim() == 2 and x.shape[0] <= THIN_BATCH
+        if x.device.type != "cpu" or self.bias is None or not thin:
             return F.linear(x, self.weight, self.bias)
         return _WideLinearFunction.apply(x, self.weight, self.bias)

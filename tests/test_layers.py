@@ -41,6 +41,14 @@ def test_blocked_weight_gradient_equals_the_unblocked_product(small_blocks) -> N
     torch.testing.assert_close(weight_gradient(x, grad), x.t() @ grad, rtol=1e-6, atol=1e-6)
 
 
+def test_wide_batches_take_the_plain_products(monkeypatch) -> None:
+    monkeypatch.setattr(melvae.layers, "THIN_BATCH", 4)
+    layer = WideLinear(6, 3)
+    thin, wide = layer(torch.rand(4, 6)), layer(torch.rand(5, 6))
+    assert thin.grad_fn.name().startswith("_WideLinearFunction")
+    assert wide.grad_fn.name() == "AddmmBackward0"
+
+
 def test_input_that_needs_no_gradient_gets_none_and_weights_still_learn() -> None:
     layer = WideLinear(6, 3)
     layer(torch.rand(4, 6)).square().sum().backward()
