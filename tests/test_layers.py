@@ -13,7 +13,9 @@ from melvae.module import VAEModule
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 3 genes, so a handful of genes already needs several blocks and a remainder."""
+    """Small layers count as wide, in blocks of 3 genes: a handful of genes already needs several
+    blocks and a remainder."""
+    monkeypatch.setattr(melvae.layers, "MIN_WIDTH", 4)
     monkeypatch.setattr(melvae.layers, "GENE_BLOCK", 3)
 
 
@@ -41,15 +43,16 @@ def test_blocked_weight_gradient_equals_the_unblocked_product(small_blocks) -> N
     torch.testing.assert_close(weight_gradient(x, grad), x.t() @ grad, rtol=1e-6, atol=1e-6)
 
 
-def test_wide_batches_take_the_plain_products(monkeypatch) -> None:
+def test_wide_batches_and_narrow_layers_take_the_plain_products(small_blocks, monkeypatch) -> None:
     monkeypatch.setattr(melvae.layers, "THIN_BATCH", 4)
     layer = WideLinear(6, 3)
-    thin, wide = layer(torch.rand(4, 6)), layer(torch.rand(5, 6))
+    thin, wide_batch = layer(torch.rand(4, 6)), layer(torch.rand(5, 6))
     assert thin.grad_fn.name().startswith("_WideLinearFunction")
-    assert wide.grad_fn.name() == "AddmmBackward0"
+    assert wide_batch.grad_fn.name() == "AddmmBackward0"
+    assert WideLinear(3, 2)(torch.rand(4, 3)).grad_fn.name() == "AddmmBackward0"
 
 
-def test_input_that_needs_no_gradient_gets_none_and_weights_still_learn() -> None:
+def test_input_that_needs_no_gradient_gets_none_and_weights_still_learn(small_blocks) -> None:
     layer = WideLinear(6, 3)
     layer(torch.rand(4, 6)).square().sum().backward()
     assert layer.weight.grad is not None and layer.bias.grad is not None
