@@ -2,7 +2,7 @@
 
 The original study's setting: GSE115978-sized data (2,761 cells × 17,994 genes, ~25 % non-zero,
 values in [0, 1]), split 70/15/15, hidden 256, latent 5, batch 32, Adam lr 1e-3, Bernoulli loss.
-Three things are timed side by side in this one process, alternating, best of `--repeats`:
+These are timed side by side in this one process, alternating, best of `--repeats`:
 
 - melvae: `train_vae` on the CSR training split; an epoch includes its validation pass (the
   targets are judged on that); its training pass alone is timed with a 1-cell validation set;
@@ -12,8 +12,9 @@ Three things are timed side by side in this one process, alternating, best of `-
   forward, decoder weight and hidden gradients, encoder weight gradient), same number of steps,
   twice: laid out the plain way (`nn.Linear`'s), and as `melvae.layers` arranges them (the lower
   of the two is the honest floor);
-- Adam alone: the fused Adam step over the model's 9.2 M weights, same number of steps; no loop
-  trained with Adam can beat floor + Adam alone, which shows how far the targets are reachable.
+- floor + Adam: the arranged products followed by a fused Adam step on the weights they make
+  gradients for, in one loop: the least any Adam-trained step does (no activations, losses or
+  autograd), which shows how far the targets are within reach on this machine.
 
 Wall and process-CPU seconds are both printed: on a machine shared with other jobs the CPU time
 is the steadier measure of the work done (with 1 thread it is exactly that; with 2, idle spinning
@@ -105,34 +106,29 @@ def floor_epoch(dense_train: torch.Tensor, epochs: int) -> tuple[float, float]:
     return _best(times)
 
 
-def arranged_floor_epoch(dense_train: torch.Tensor, epochs: int) -> tuple[float, float]:
-    """The same five products, each computed the way `melvae.layers.WideLinear` does it."""
-    w1, w4 = torch.randn(HIDDEN, GENES) * 0.01, torch.randn(GENES, HIDDEN) * 0.01
+def arranged_floor_epoch(
+    dense_train: torch.Tensor, epochs: int, *, adam: bool = False
+) -> tuple[float, float]:
+    """The same five products, each computed the way `melvae.layers.WideLinear` does it; with
+    `adam`, followed every step by the fused Adam update of the two weight matrices they make
+    gradients for (all but ~20 k of the model's 9.2 M weights): the least an Adam-trained step
+    can do."""
+    w1 = torch.nn.Parameter(torch.randn(HIDDEN, GENES) * 0.01)
+    w4 = torch.nn.Parameter(torch.randn(GENES, HIDDEN) * 0.01)
     b1, b4 = torch.zeros(HIDDEN), torch.zeros(GENES)
+    optimizer = torch.optim.Adam([w1, w4], lr=1e-3, fused=True)
     times = []
     for _ in range(epochs):
         started = (time.perf_counter(), time.process_time())
-        for x in dense_train.split(BATCH):
-            h = linear_forward(x, w1, b1)
-            out = linear_forward(h, w4, b4)
-            _ = weight_gradient(out, h)
-            gh = input_gradient(out, w4)
-            _ = weight_gradient(gh, x)
-        times.append(_since(started))
-    return _best(times)
-
-
-def adam_epoch(steps: int, epochs: int) -> tuple[float, float]:
-    """Seconds per epoch of `steps` fused Adam steps over the model's weights, and nothing else."""
-    module = VAEModule(GENES, HIDDEN, LATENT)
-    for p in module.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, fused=True)
-    times = []
-    for _ in range(epochs):
-        started = (time.perf_counter(), time.process_time())
-        for _ in range(steps):
-            optimizer.step()
+        with torch.no_grad():
+            for x in dense_train.split(BATCH):
+                h = linear_forward(x, w1, b1)
+                out = linear_forward(h, w4, b4)
+                w4.grad = weight_gradient(out, h)
+                gh = input_gradient(out, w4)
+                w1.grad = weight_gradient(gh, x)
+                if adam:
+                    optimizer.step()
         times.append(_since(started))
     return _best(times)
 
@@ -166,7 +162,7 @@ def main() -> None:
         "naive": lambda: naive_epoch(dense_train, args.epochs),
         "floor": lambda: floor_epoch(dense_train, args.epochs),
         "arranged": lambda: arranged_floor_epoch(dense_train, args.epochs),
-        "adam": lambda: adam_epoch(steps, args.epochs),
+        "adam": lambda: arranged_floor_epoch(dense_train, args.epochs, adam=True),
     }
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timed}
     melvae_epoch(train_x[:64], val_x[:64], 1)  # warm-up: lazy imports, first-touch pages
@@ -187,7 +183,7 @@ def main() -> None:
         "naive": "naive notebook loop",
         "floor": "floor: 5 products, plain layouts",
         "arranged": "floor: 5 products, melvae layouts",
-        "adam": "fused Adam step alone",
+        "adam": "floor (melvae layouts) + fused Adam",
     }
     for name, (wall, cpu) in best.items():
         print(f"{labels[name]:36s}{wall:8.3f}{cpu:8.3f}{cpu / steps * 1e3:12.2f}")
@@ -195,10 +191,11 @@ def main() -> None:
         wall = best["melvae"][0] / best[other][0]
         cpu = best["melvae"][1] / best[other][1]
         print(f"melvae / {other}: wall {wall:.2f}, CPU {cpu:.2f}  (target <= {target})")
-    lowest = min(best["floor"][0], best["arranged"][0]) + best["adam"][0]
+    floor_adam, naive, train = best["adam"][0], best["naive"][0], best["melvae_train"][0]
     print(
-        f"lower floor + Adam alone = {lowest:.3f} s wall = "
-        f"{lowest / best['naive'][0]:.2f} x naive: no Adam-trained loop here gets below that"
+        f"floor + Adam = {floor_adam / naive:.2f} x naive, the lowest ratio any Adam-trained loop "
+        f"reaches here; melvae / (floor + Adam) = {best['melvae'][0] / floor_adam:.2f}, "
+        f"its training pass {train / floor_adam:.2f}"
     )
 
 
