@@ -3,10 +3,9 @@
 The first encoder layer (genes → hidden) and the last decoder layer (hidden → genes) hold almost
 all of the model's weights, and each training step multiplies them by a thin batch (32 cells in the
 original study). For such thin batches (up to `THIN_BATCH` cells) and wide layers (`MIN_WIDTH`
-genes or more) the layout of a product changes
-the time a CPU BLAS takes by up to 2× for the same arithmetic. Measured in isolation with torch's
-MKL on 2 cores (32 cells × 17,994 genes × hidden 256, ms per product; `bench/epoch_speed.py` times
-all five inside an epoch):
+genes or more) the layout of a product changes the time a CPU BLAS takes by up to 2× for the same
+arithmetic. Measured in isolation with torch's MKL on 2 cores (32 cells × 17,994 genes × hidden
+256, ms per product; `bench/epoch_speed.py` times all five inside an epoch):
 
 | product                          | as `nn.Linear` does it | as done here                |
 |----------------------------------|------------------------|-----------------------------|

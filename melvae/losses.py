@@ -4,8 +4,8 @@
 logits, summed over genes. Written as softplus(logits) − x · logits, its forward is two passes over
 the batch and its gradient, sigmoid(logits) − x, one fused pass; autograd through
 `binary_cross_entropy_with_logits(reduction="none").sum(-1)` makes about twice as many passes over
-the cells × genes batch. In the original configuration that is ~6 % of an epoch
-(`bench/epoch_speed.py`).
+the cells × genes batch. In the original configuration the training pass was 6–12 % faster with
+this loss than with autograd's (an A/B on 2 cores, 4 alternating runs).
 """
 
 from __future__ import annotations
