@@ -89,7 +89,7 @@ def log_trial_model(model: MelVAE, example: ad.AnnData) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         saved = model.save(Path(tmp) / TRIAL_MODEL_PATH)
         example_cells(model, example).to_json(saved / EXAMPLE_FILE, orient="split")
-        with _quiet_mlflow():
+        with quiet_mlflow():
             mlflow.log_artifacts(str(saved), artifact_path=TRIAL_MODEL_PATH)
     return f"runs:/{mlflow.active_run().info.run_id}/{TRIAL_MODEL_PATH}"
 
@@ -107,7 +107,7 @@ def log_model(model: MelVAE, example: pd.DataFrame, *, model_id: str | None = No
     signature = infer_signature(
         example, pd.DataFrame(latent, columns=[f"z{i}" for i in range(latent.shape[1])])
     )
-    with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow():
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         saved = model.save(Path(tmp) / "melvae")
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -123,7 +123,7 @@ def log_model(model: MelVAE, example: pd.DataFrame, *, model_id: str | None = No
 
 
 @contextlib.contextmanager
-def _quiet_mlflow() -> Iterator[None]:
+def quiet_mlflow() -> Iterator[None]:
     """Within this block only: no "Validating input example" note, no artifact progress bars.
 
     MLflow prints both for every model it logs or reads back; over a study they drown the trial
@@ -256,7 +256,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> MelVAE:
 def _download(uri: str, directory: str) -> Path:
     """Fetch a model's files from the tracking backend into `directory`, quietly."""
     try:
-        with _quiet_mlflow():
+        with quiet_mlflow():
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=directory))
     except (MlflowException, OSError) as exc:
         raise InputError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -18,6 +20,23 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ARTIFACT_ROOT = Path("mlruns") / "artifacts"
 _MAX_PARAM_LENGTH = 6000
+# Figures every trial logs at its artifact root under the same names: MLflow's compare-runs view
+# lists only files at the top of each run's artifacts, and only those the runs have in common.
+TSNE_FILE = "tsne.png"
+LOSS_FILE = "loss.png"
+# The study report on each parent run (melvae.study.report), also at the artifact root.
+REPORT_FILE = "report.html"
+REPORT_FIGURE = "report.png"
+# `role` tells the runs apart in the runs table and in searches: a `study run` parent, a trial,
+# a baseline.
+ROLE = "role"
+PARENT_ROLE, TRIAL_ROLE, BASELINE_ROLE = "study-run", "trial", "baseline"
+# The runs-table view stored on the experiment (the UI's "share view" format) and opened by
+# `experiment_url`; `workflowType` in the URL opens the UI in model-training mode.
+VIEW_KEY = "melvae-comparison"
+_VIEW_TAG = "mlflow.sharedViewState."
+_KIND_TAG = "mlflow.experimentKind"
+NOTE_TAG = "mlflow.note.content"
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -42,23 +61,59 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     """Return the experiment id for `name`, creating it (artifacts under mlruns/) if needed."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        _tag_experiment(experiment)
         return experiment.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         root = Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
         artifact_location = root.as_uri()
-    # The kind tag opens the UI on training runs rather than its GenAI trace overview.
+    # The kind tag opens the UI on training runs rather than its GenAI trace overview; the view
+    # tag is the runs table of the comparison (`experiment_url` opens it).
     try:
         return mlflow.create_experiment(
             name,
             artifact_location=artifact_location,
-            tags={"mlflow.experimentKind": "custom_model_development"},
+            tags=_experiment_tags(),
         )
     except MlflowException as exc:
         # Another worker (on another machine, against a shared server) created it first.
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _experiment_tags() -> dict[str, str]:
+    return {_KIND_TAG: "custom_model_development", _VIEW_TAG + VIEW_KEY: comparison_view()}
+
+
+def _tag_experiment(experiment: mlflow.entities.Experiment) -> None:
+    """Bring an experiment made by an earlier melvae up to date: kind tag, comparison view."""
+    for key, value in _experiment_tags().items():
+        if experiment.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+
+
+# The columns of the comparison view: what a trial was and how it scored.
+_VIEW_PARAMS = ("hidden_dim", "n_layers", "latent_dim", "learning_rate", "epochs", "batch_size")
+_VIEW_METRICS = ("best_val_loss", "bio_score", "knn_accuracy", "ari", "silhouette")
+_VIEW_TAGS = (ROLE,)
+
+
+def comparison_view() -> str:
+    """The runs-table state (JSON) of the view `experiment_url` opens: trials and baselines,
+    flat (no parent rows), best `bio_score` first, showing their settings and scores."""
+    columns = [f"attributes.`{name}`" for name in ("Duration",)]
+    columns += [f"params.`{name}`" for name in _VIEW_PARAMS]
+    columns += [f"metrics.`{name}`" for name in _VIEW_METRICS]
+    columns += [f"tags.`{name}`" for name in _VIEW_TAGS]
+    return json.dumps(
+        {
+            "searchFilter": f"tags.{ROLE} != '{PARENT_ROLE}'",
+            "orderByKey": "metrics.`bio_score`",
+            "orderByAsc": False,
+            "selectedColumns": columns,
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -76,9 +131,28 @@ def top_level_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str])
             raise
 
 
+def trial_run_name(trial_number: int, settings: Mapping[str, Any]) -> str:
+    """`trial-<number>` and the settings that tell trials apart, e.g. `trial-4 h64x2 z5 lr1.9e-03`
+    (hidden width × layers, latent size, learning rate)."""
+    parts = [f"trial-{trial_number}"]
+    if "hidden_dim" in settings:
+        parts.append(f"h{settings['hidden_dim']}x{settings.get('n_layers', 1)}")
+    if "latent_dim" in settings:
+        parts.append(f"z{settings['latent_dim']}")
+    if "learning_rate" in settings:
+        parts.append(f"lr{float(settings['learning_rate']):.1e}")
+    return " ".join(parts)
+
+
 @contextlib.contextmanager
-def trial_run(experiment_id: str, *, trial_number: int, tags: Mapping[str, str]) -> Iterator[str]:
-    """A nested run named `trial-<number>`; its end status mirrors how the trial ended.
+def trial_run(
+    experiment_id: str,
+    *,
+    trial_number: int,
+    tags: Mapping[str, str],
+    settings: Mapping[str, Any] | None = None,
+) -> Iterator[str]:
+    """A nested run named by `trial_run_name`; its end status mirrors how the trial ended.
 
     Pruned trials (optuna.TrialPruned) end KILLED and tagged `pruned`, interrupted ones (Ctrl-C,
     SIGTERM) KILLED and tagged `interrupted`; any other exception ends the run FAILED with the
@@ -88,9 +162,9 @@ def trial_run(experiment_id: str, *, trial_number: int, tags: Mapping[str, str])
 
     run = mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=f"trial-{trial_number}",
+        run_name=trial_run_name(trial_number, settings or {}),
         nested=True,
-        tags={**tags, "trial_number": str(trial_number)},
+        tags={**tags, ROLE: TRIAL_ROLE, "trial_number": str(trial_number)},
     )
     try:
         yield run.info.run_id
@@ -159,8 +233,16 @@ def log_folder(path: Path) -> None:
 
 
 def experiment_url(ui_base: str, experiment_id: str) -> str:
-    """Address of an experiment's runs page in the MLflow UI."""
-    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    """Address of an experiment's runs page in the MLflow UI, in model-training mode, on the
+    comparison view (`comparison_view`)."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def compare_url(ui_base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """Address of MLflow's compare-runs view of `run_ids` (their figures side by side)."""
+    runs, experiments = quote(json.dumps(run_ids)), quote(json.dumps([experiment_id]))
+    return f"{ui_base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
 @contextlib.contextmanager

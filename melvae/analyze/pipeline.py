@@ -113,13 +113,17 @@ def resolve_source(uri: str) -> ModelSource:
         return ModelSource(uri, name, None, None, None, {})
     run_id = version.tags.get("run_id") or version.run_id
     run = client.get_run(run_id) if run_id else None
+    parent_id = run.data.tags.get("mlflow.parentRunId") if run else None
+    # A trial run holds its own settings; what all trials share is on its parent `run`.
+    params = dict(client.get_run(parent_id).data.params) if parent_id else {}
+    params |= dict(run.data.params) if run else {}
     return ModelSource(
         uri=uri,
         name=name,
         version=str(version.version),
         trial_run_id=run_id,
         experiment_id=run.info.experiment_id if run else None,
-        run_params=dict(run.data.params) if run else {},
+        run_params=params,
     )
 
 

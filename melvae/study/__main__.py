@@ -1,4 +1,5 @@
-"""Command line: `python -m melvae.study {run,create,best,promote,ui}`. Thin: parses and prints."""
+"""Command line: `python -m melvae.study {run,create,best,promote,report,ui}`. Thin: parses and
+prints."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import mlflow
 import optuna
 
 from melvae import track
@@ -18,6 +20,7 @@ from melvae.device import DEVICES
 from melvae.errors import InputError
 from melvae.study import workers
 from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
+from melvae.study.progress import format_trials
 from melvae.study.recovery import stop_cleanly_on_sigterm
 from melvae.study.runner import (
     CHAMPION_TEST_ATTR,
@@ -110,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = command(name, handler, text)
         sub.add_argument("--dataset", help="dataset key (default: the study's dataset/fallback)")
+    report = command(
+        "report", _report, "write the study report (HTML page and its main figure as PNG)"
+    )
+    report.add_argument("--dataset", help="dataset key (default: the study's dataset/fallback)")
+    report.add_argument(
+        "--out", type=Path, help="HTML file to write (default <study>-report.html; never replaced)"
+    )
     ui = command("ui", _ui, "start the MLflow UI on 127.0.0.1 and print the study's page")
     ui.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     ui.add_argument("--dataset", help="dataset key (default: the study's dataset/fallback)")
@@ -156,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
     )
     print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
-    print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(format_trials(trials_table(outcome.study)))
     config = effective_config(outcome.study, config)
     best = best_complete_trial(outcome.study, config)
     if best is not None:
@@ -248,6 +258,25 @@ def _promote(args: argparse.Namespace) -> int:
         return 1
     state = "promoted to @champion" if registration.promoted else "not better than @champion"
     print(f"{registration.name} version {registration.version}: {state}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from melvae.study import report
+
+    config = load_study_config(args.study)
+    check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
+    track.use_backend(args.tracking_uri)
+    study = _find_study(args, config)
+    config = effective_config(study, config)
+    experiment = mlflow.get_experiment_by_name(study.study_name)
+    parent = None if experiment is None else report.latest_parent_run(experiment.experiment_id)
+    out = args.out or Path(f"{study.study_name}-report.html")
+    built = report.study_report(
+        study, config, best_complete_trial(study, config), parent_run_id=parent
+    )
+    page, figure = report.write_report(built, out)
+    print(f"study report: {page} ({len(built.panels)} trials), main figure: {figure}")
     return 0
 
 

@@ -125,7 +125,7 @@ def run_baselines(
     tagged `baseline`; name -> metrics."""
     latent_dim = int(champion.params.get("latent_dim", config.latent_dim))
     results = {}
-    tags = {"baseline": "true", "dataset": data.dataset_key}
+    tags = {"baseline": "true", track.ROLE: track.BASELINE_ROLE, "dataset": data.dataset_key}
     for baseline in baselines_for(config, latent_dim):
         run_name = f"baseline-{baseline.name}"
         with track.nested_run(experiment_id, run_name=run_name, tags=tags):

@@ -196,7 +196,9 @@ class Objective:
         if self.epochs_cap is not None:
             params["epochs"] = min(params["epochs"], self.epochs_cap)
         tags = {"study": self.study_name, "dataset": self.data.dataset_key}
-        with track.trial_run(self.experiment_id, trial_number=trial.number, tags=tags) as run_id:
+        with track.trial_run(
+            self.experiment_id, trial_number=trial.number, tags=tags, settings=params
+        ) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr(EPOCHS_ATTR, params["epochs"])
             track.log_params(self._run_params(params))
@@ -210,7 +212,7 @@ class Objective:
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
             metrics |= bio_metrics(model, self.data)
             track.log_metrics(metrics)
-            track.log_figure(loss_curves(model.history), "plots/loss.png")
+            track.log_figure(loss_curves(model.history), track.LOSS_FILE)
             tsne_cells, tsne_labels = metric_cells(self.data, "val")
             track.log_figure(
                 tsne_embedding(
@@ -218,7 +220,7 @@ class Objective:
                     tsne_labels,
                     title=f"trial {trial.number}: validation latent (t-SNE)",
                 ),
-                "plots/tsne.png",
+                track.TSNE_FILE,
             )
             model_uri = log_trial_model(model, self.data.val)
             trial.set_user_attr("model_uri", model_uri)
@@ -237,25 +239,32 @@ class Objective:
         return fit_with_params(self.config, self.data, params, on_epoch, self.progress)
 
     def _run_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        preprocess = {
-            f"preprocess.{key}": value
-            for key, value in dataclasses.asdict(self.config.preprocess).items()
-        }
-        train = {
-            f"train.{key}": value
-            for key, value in dataclasses.asdict(self.config.train).items()
-            if key not in params
-        }
+        """What tells this trial apart: its hyperparameters and device. What every trial shares
+        (data, preprocessing, the rest of training) is on the parent run (`study_params`)."""
+        transform, likelihood = split_pair(params["transform_likelihood"])
         return {
             **params,
-            **preprocess,
-            **train,
-            "likelihood": split_pair(params["transform_likelihood"])[1],
-            "preprocess.transform": split_pair(params["transform_likelihood"])[0],
-            "dataset": self.data.dataset_key,
-            "label_key": self.data.label_key,
-            "n_genes": len(self.data.preprocessor.genes),
-            "objective": ",".join(self.config.objectives),
-            "eval_max_cells": EVAL_MAX_CELLS,
+            "likelihood": likelihood,
+            "preprocess.transform": transform,
             "device": str(resolve_device(self.config.train.device)),
         }
+
+
+def study_params(config: StudyConfig) -> dict[str, Any]:
+    """Settings every trial of a `run` shares, for its parent run: preprocessing, the training
+    settings no trial varies, the objectives and the evaluation bound."""
+    preprocess = {
+        f"preprocess.{key}": value for key, value in dataclasses.asdict(config.preprocess).items()
+    }
+    of_trials = set(config.fixed_params()) | {param.name for param in config.search}
+    train = {
+        f"train.{key}": value
+        for key, value in dataclasses.asdict(config.train).items()
+        if key not in of_trials
+    }
+    return {
+        **preprocess,
+        **train,
+        "objective": ",".join(config.objectives),
+        "eval_max_cells": EVAL_MAX_CELLS,
+    }

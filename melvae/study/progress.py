@@ -9,9 +9,12 @@ finished" log lines are held back: the bar and the final table say the same.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import optuna
+import pandas as pd
 from tqdm.auto import tqdm
 
 Champion = Callable[[optuna.Study], optuna.trial.FrozenTrial | None]
@@ -57,3 +60,40 @@ def trial_progress(
     finally:
         optuna.logging.set_verbosity(verbosity)
         bar.close()
+
+
+# Columns printed in scientific notation: values that span orders of magnitude.
+_SCIENTIFIC = {"learning_rate"}
+
+
+def column_format(name: str, values: pd.Series) -> Callable[[object], str]:
+    """One number format for a whole column of the trials table: integers as integers, the
+    learning rate as 1.9e-03, values of 100 or more with one decimal, the rest with three;
+    missing values blank."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    finite = numbers[np.isfinite(numbers)]
+    if name in _SCIENTIFIC:
+        pattern = "{:.1e}"
+    elif finite.empty or (finite == finite.round()).all():
+        pattern = "{:.0f}"
+    elif finite.abs().max() >= 100:
+        pattern = "{:.1f}"
+    else:
+        pattern = "{:.3f}"
+
+    def show(value: object) -> str:
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            return "" if math.isnan(float(value)) else pattern.format(float(value))
+        return "" if value is None else str(value)
+
+    return show
+
+
+def format_trials(table: pd.DataFrame) -> str:
+    """The trials table as text, every numeric column in one format (`column_format`)."""
+    formatters = {
+        name: column_format(name, table[name])
+        for name in table.columns
+        if pd.api.types.is_numeric_dtype(table[name]) or table[name].dtype == object
+    }
+    return table.to_string(formatters=formatters)

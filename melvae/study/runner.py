@@ -28,10 +28,11 @@ from melvae.study.baselines import (
     score_champion,
 )
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
-from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
+from melvae.study.objective import FINAL_METRICS, Objective, PreparedData, study_params
 from melvae.study.progress import trial_progress
-from melvae.study.pruning import epoch_pruner
+from melvae.study.pruning import CURVE_ATTR, epoch_pruner
 from melvae.study.recovery import requeue_when_stopped, worker_id
+from melvae.study.report import champion_line, log_report, study_report
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 _SEEDED_ATTR = "seed_trials_enqueued"
 CHAMPION_TEST_ATTR = "champion_test_metrics"
+CHAMPION_ATTR = "champion"  # a study user attribute: the champion in one line
 
 
 def prepare_data(
@@ -253,7 +255,7 @@ def run_study(
         )
     study = create_study(config, data.dataset_key, storage, heartbeat=heartbeat)
     tracking_uri, experiment_id = create_experiment(study.study_name, tracking_uri)
-    tags = {"study": study.study_name, "dataset": data.dataset_key, "role": "study-run"}
+    tags = {"study": study.study_name, "dataset": data.dataset_key, track.ROLE: track.PARENT_ROLE}
     tags["worker"] = worker_id()
     if data.fallback_reason is not None:
         tags |= {"dataset_fallback": "true", "fallback_reason": data.fallback_reason}
@@ -280,7 +282,7 @@ def run_study(
                 callbacks=[show_progress],
             )
         registration, comparison = _summarise_parent(
-            study, data, config, tracking_uri, experiment_id, epochs_cap
+            study, data, config, tracking_uri, experiment_id, epochs_cap, parent_id
         )
     return StudyOutcome(
         study=study,
@@ -305,6 +307,7 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
         "n_genes_input": data.train.n_vars,
         "n_genes_model": len(data.preprocessor.genes),
         "optuna_storage": redact_url(storage),
+        **study_params(config),
     }
 
 
@@ -315,9 +318,10 @@ def _summarise_parent(
     tracking_uri: str,
     experiment_id: str,
     epochs_cap: int | None,
+    parent_id: str,
 ) -> tuple[Registration | None, pd.DataFrame | None]:
-    """Give the parent run the champion's metrics, the study's plots, the baselines and margins,
-    and the registry verdict."""
+    """Give the parent run the champion's metrics, the baselines and margins, the registry
+    verdict, and the study report."""
     best = best_complete_trial(study, config)
     if best is None:
         log.warning("no trial completed: nothing to register")
@@ -341,7 +345,6 @@ def _summarise_parent(
             if name in best.user_attrs
         }
     )
-    _log_study_plots(study, config)
     model = load_model(best.user_attrs["model_uri"], tracking_uri=tracking_uri)
     champion = score_champion(model, data)
     track.log_metrics(champion)
@@ -357,32 +360,9 @@ def _summarise_parent(
     )
     track.log_metrics(margins_over_best(champion, baselines))
     registration = promote_best(study, config, data.dataset_key)
+    study.set_user_attr(CHAMPION_ATTR, champion_line(config, best))  # seen in optuna-dashboard
+    log_report(study_report(study, config, best, parent_run_id=parent_id))
     return registration, comparison_table(champion, baselines)
-
-
-def _log_study_plots(study: optuna.Study, config: StudyConfig) -> None:
-    from optuna.visualization import matplotlib as optuna_plots
-
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    distinct = len({tuple(sorted(t.params.items())) for t in complete})
-    # Optuna flags its matplotlib backend as experimental; the figures are only logged.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if config.multi_objective:
-            track.log_figure(
-                optuna_plots.plot_pareto_front(study, target_names=list(config.objectives)).figure,
-                "plots/pareto_front.png",
-            )
-            return
-        track.log_figure(
-            optuna_plots.plot_optimization_history(study).figure,
-            "plots/optimization_history.png",
-        )
-        if distinct >= 2:
-            track.log_figure(
-                optuna_plots.plot_param_importances(study).figure,
-                "plots/param_importances.png",
-            )
 
 
 def best_complete_trial(
@@ -437,11 +417,24 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row = {"trial": trial.number, "state": trial.state.name}
         row |= dict(zip(_value_names(study), trial.values or (), strict=False))
         row |= trial.params
+        row["epochs"] = epochs_run(trial)
         row |= {m: trial.user_attrs.get(m) for m in ("bio_score", "knn_accuracy", "recon_corr")}
         row["seconds"] = round(duration, 1)
         row["seed"] = "yes" if trial.user_attrs.get("seed_trial") else ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
+
+
+def epochs_run(trial: optuna.trial.FrozenTrial) -> int | None:
+    """Epochs the trial trained (after `--epochs`, early stopping and pruning), not the sampled
+    budget; None while unknown (running, failed before its first epoch)."""
+    if CURVE_ATTR in trial.user_attrs:
+        return len(trial.user_attrs[CURVE_ATTR])
+    if "pruned_at_epoch" in trial.user_attrs:
+        return int(trial.user_attrs["pruned_at_epoch"]) + 1
+    if trial.intermediate_values:  # Optuna's own pruner (single-objective studies)
+        return max(trial.intermediate_values) + 1
+    return None
 
 
 def _value_names(study: optuna.Study) -> list[str]:
