@@ -23,7 +23,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
 
 from melvae.errors import InputError
 from melvae.model import MODEL_FILE, MelVAE
@@ -40,7 +42,13 @@ _TRIAL_URI_TAG = "trial_model_uri"
 
 
 class MelVAEPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc flavour: a DataFrame of cells × genes (raw units, named columns) → latent means."""
+    """pyfunc flavour: a DataFrame of cells × genes (raw units, named columns) → latent means.
+
+    Forgives like `MelVAE.embed`: any subset of the model's genes is accepted (every gene is an
+    optional column of the signature), missing genes are filled with zeros and counted in a log
+    line, genes the model does not know are ignored; too little overlap is refused with a short
+    message (HTTP 400 when served).
+    """
 
     def load_context(self, context: Any) -> None:
         self.model = MelVAE.load(Path(context.artifacts["melvae"]))
@@ -51,12 +59,25 @@ class MelVAEPyfunc(mlflow.pyfunc.PythonModel):
             obs=pd.DataFrame(index=model_input.index.astype(str)),
             var=pd.DataFrame(index=model_input.columns.astype(str)),
         )
-        latent = self.model.encode(cells)
+        try:
+            latent = self.model.encode(cells)
+        except InputError as exc:
+            raise MlflowException(exc.what, error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame(
             latent,
             index=model_input.index,
             columns=[f"z{i}" for i in range(latent.shape[1])],
         )
+
+
+def serving_signature(model: MelVAE, example: pd.DataFrame) -> ModelSignature:
+    """Every gene an optional float column (so a request may carry any subset), latent out."""
+    latent = model.encode(
+        ad.AnnData(X=example.to_numpy(np.float32), var=pd.DataFrame(index=model.genes))
+    )
+    inputs = Schema([ColSpec("float", gene, required=False) for gene in model.genes])
+    outputs = Schema([ColSpec("float", f"z{i}") for i in range(latent.shape[1])])
+    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def model_name(dataset_key: str) -> str:
@@ -101,12 +122,7 @@ def log_model(model: MelVAE, example: pd.DataFrame, *, model_id: str | None = No
     included; loading it runs `melvae/served_model.py`, never unpickles. `model_id` fills a
     LoggedModel made with `mlflow.initialize_logged_model` (e.g. to name its source run).
     """
-    latent = model.encode(
-        ad.AnnData(X=example.to_numpy(np.float32), var=pd.DataFrame(index=model.genes))
-    )
-    signature = infer_signature(
-        example, pd.DataFrame(latent, columns=[f"z{i}" for i in range(latent.shape[1])])
-    )
+    signature = serving_signature(model, example)
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         saved = model.save(Path(tmp) / "melvae")
         info = mlflow.pyfunc.log_model(

@@ -242,7 +242,8 @@ def experiment_url(ui_base: str, experiment_id: str) -> str:
 def compare_url(ui_base: str, experiment_id: str, run_ids: list[str]) -> str:
     """Address of MLflow's compare-runs view of `run_ids` (their figures side by side)."""
     runs, experiments = quote(json.dumps(run_ids)), quote(json.dumps([experiment_id]))
-    return f"{ui_base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+    query = f"runs={runs}&experiments={experiments}&workflowType=machine_learning"
+    return f"{ui_base.rstrip('/')}/#/compare-runs?{query}"
 
 
 @contextlib.contextmanager

@@ -165,7 +165,8 @@ def load_dataset(key: str, *, base_url: str | None = None, data_dir: Path | None
 def load_with_fallback(key: str, fallback: str | None, **kw: object) -> tuple[Dataset, str | None]:
     """Load ``key``; if it cannot be downloaded, load ``fallback`` instead and say why.
 
-    Returns (dataset, reason) where reason is None unless the fallback was used.
+    Returns (dataset, reason) where reason is None unless the fallback was used. Announcing the
+    fallback is the caller's job (the study prints one banner), so it is said once.
     """
     try:
         return load_dataset(key, **kw), None
@@ -173,7 +174,4 @@ def load_with_fallback(key: str, fallback: str | None, **kw: object) -> tuple[Da
         if fallback is None:
             raise
         reason = f"dataset {key!r} could not be downloaded: {err}"
-        logger.warning(
-            "%s\n*** FALLING BACK to %r: results below are NOT for %r ***", reason, fallback, key
-        )
         return load_dataset(fallback, **kw), reason

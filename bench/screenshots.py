@@ -1,0 +1,159 @@
+"""Screenshots of what a user sees of a study in the MLflow UI, taken with headless Chromium.
+
+    python bench/screenshots.py [--workdir DIR] [--out DIR]
+
+Runs a small offline study in `--workdir` (3 trials x 3 epochs, PBMC fallback) unless it
+already holds one, starts `mlflow server` on its tracking database, and saves four PNGs in
+`--out` (default `screenshots/`, which must not exist yet): the runs list as `ui` opens it, the
+compare view of three trials, a trial's page (its artifacts) and the parent run's study report.
+Needs Debian's `chromium` (`apt-get install chromium`). Look at the pictures yourself: this script
+only says whether each page was saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+
+from melvae import track
+
+STUDY = "melanoma-vae-pbmc68k_reduced"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=20000",
+]
+
+# Pages taller than a screen: the compare view's artifact images are below its charts and run
+# details, the report is one long page.
+HEIGHTS = {"compare_three_trials": 3200, "parent_report": 3000}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_study(workdir: Path) -> None:
+    """Run a 3-trial, 3-epoch study offline in `workdir` unless its tracking database exists."""
+    if (workdir / "mlruns" / "mlflow.db").is_file():
+        return
+    env = os.environ | {
+        "MELVAE_DATA_DIR": str(workdir / "cache"),
+        "MELVAE_GEO_URL": f"http://127.0.0.1:{_free_port()}/geo/",  # offline: PBMC fallback
+    }
+    command = [sys.executable, "-m", "melvae.study", "run", "--n-trials", "3", "--epochs", "3"]
+    subprocess.run([*command, "--quiet"], cwd=workdir, env=env, check=True)
+
+
+def wait_until_up(url: str, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def screenshot(chromium: str, url: str, path: Path, height: int) -> bool:
+    """Save `url` as `path` in a fresh browser profile; True if the file was written."""
+    with tempfile.TemporaryDirectory() as profile:
+        command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+        command.append(f"--window-size=1600,{height}")
+        subprocess.run(
+            [*command, f"--screenshot={path}", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=180,
+            check=False,
+        )
+    return path.is_file() and path.stat().st_size > 0
+
+
+def pages(base: str, tracking_uri: str, folder: Path) -> dict[str, str]:
+    """name -> URL of the four pages, read from the study's runs; the parent's report is
+    downloaded into `folder` (the server sends artifacts as downloads, not pages)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(STUDY)
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="pandas")
+    trials = runs[runs[f"tags.{track.ROLE}"] == track.TRIAL_ROLE].sort_values("start_time")
+    parent = runs[runs[f"tags.{track.ROLE}"] == track.PARENT_ROLE].iloc[0]
+    trial = trials.iloc[0]
+    run_page = f"{base}/#/experiments/{experiment.experiment_id}/runs"
+    report = mlflow.artifacts.download_artifacts(
+        run_id=parent["run_id"], artifact_path=track.REPORT_FILE, dst_path=str(folder)
+    )
+    return {
+        "runs_list": track.experiment_url(base, experiment.experiment_id),
+        "compare_three_trials": track.compare_url(
+            base, experiment.experiment_id, list(trials["run_id"].iloc[:3])
+        ),
+        "trial_page": f"{run_page}/{trial['run_id']}/artifacts/{track.TSNE_FILE}"
+        "?workflowType=machine_learning",
+        "parent_report": Path(report).resolve().as_uri(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="folder with mlruns/ (default: a new one)")
+    parser.add_argument("--out", type=Path, default=Path("screenshots"))
+    args = parser.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        print("chromium not found: apt-get install -y chromium", file=sys.stderr)
+        return 2
+    if args.out.exists():
+        print(f"{args.out} exists: pass another --out", file=sys.stderr)
+        return 2
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="melvae-screens-"))).resolve()
+    ensure_study(workdir)
+    args.out.mkdir(parents=True)
+    tracking_uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=workdir, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_up(f"{base}/health")
+        urls = pages(base, tracking_uri, Path(tempfile.mkdtemp(prefix="melvae-report-")))
+        (args.out / "urls.json").write_text(json.dumps(urls, indent=2))
+        for name, url in urls.items():
+            height = HEIGHTS.get(name, 1000)
+            saved = screenshot(chromium, url, args.out / f"{name}.png", height)
+            print(f"{name:22s} {'saved' if saved else 'FAILED'}  {url}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
