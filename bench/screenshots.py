@@ -6,13 +6,15 @@ Runs a small offline study in `--workdir` (3 trials x 3 epochs, PBMC fallback) u
 already holds one, starts `mlflow server` on its tracking database, and saves four PNGs in
 `--out` (default `screenshots/`, which must not exist yet): the runs list as `ui` opens it, the
 compare view of three trials, a trial's page (its artifacts) and the parent run's study report.
-Needs Debian's `chromium` (`apt-get install chromium`). Look at the pictures yourself: this script
-only says whether each page was saved.
+Needs Debian's `chromium` (`apt-get install chromium`) and `websockets` (the `bench` extra), to
+drive it over the DevTools protocol (the compare view shows an artifact only after a click). Look
+at the pictures yourself: this script only says whether each page was saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -40,12 +42,23 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    "--virtual-time-budget=20000",
 ]
-
-# Pages taller than a screen: the compare view's artifact images are below its charts and run
-# details, the report is one long page.
-HEIGHTS = {"compare_three_trials": 3200, "parent_report": 3000}
+# After loading, what a user would do before looking: (JavaScript to run, viewport height). The
+# compare view shows a run's artifact only once a file of the common list is clicked.
+CLICK_TSNE = """
+(() => {
+  const node = [...document.querySelectorAll('*')].find(
+    (e) => e.childElementCount === 0 && e.textContent.trim() === 'tsne.png');
+  if (!node) return 'no tsne.png in the common artifacts';
+  node.click();
+  const heading = [...document.querySelectorAll('*')].find(
+    (e) => e.childElementCount === 0 && e.textContent.trim() === 'Artifacts');
+  setTimeout(() => heading && heading.scrollIntoView(), 500);
+  return 'clicked tsne.png';
+})()
+"""
+ACTIONS = {"compare_three_trials": (CLICK_TSNE, 1100), "parent_report": (None, 3000)}
+SETTLE_SECONDS = 12  # for the UI to fetch runs and draw; generous on a busy machine
 
 
 def _free_port() -> int:
@@ -78,19 +91,48 @@ def wait_until_up(url: str, seconds: float = 180) -> None:
             time.sleep(1)
 
 
-def screenshot(chromium: str, url: str, path: Path, height: int) -> bool:
-    """Save `url` as `path` in a fresh browser profile; True if the file was written."""
+def screenshot(chromium: str, url: str, path: Path, action: str | None, height: int) -> str:
+    """Open `url` in a fresh headless Chromium profile, wait for it to settle, run `action`
+    (JavaScript), and save the viewport as `path`; returns what the action said."""
+    from websockets.sync.client import connect
+
+    port = _free_port()
     with tempfile.TemporaryDirectory() as profile:
-        command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-        command.append(f"--window-size=1600,{height}")
-        subprocess.run(
-            [*command, f"--screenshot={path}", url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=180,
-            check=False,
-        )
-    return path.is_file() and path.stat().st_size > 0
+        browser = subprocess.Popen(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+             f"--remote-debugging-port={port}", f"--window-size=1600,{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/json/version", seconds=60)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as response:
+                target = next(t for t in json.loads(response.read()) if t["type"] == "page")
+            with connect(target["webSocketDebuggerUrl"], max_size=None) as cdp:
+                ids = iter(range(1, 1_000_000))
+
+                def call(method: str, **params: object) -> dict:
+                    number = next(ids)
+                    cdp.send(json.dumps({"id": number, "method": method, "params": params}))
+                    while True:
+                        message = json.loads(cdp.recv(timeout=120))
+                        if message.get("id") == number:
+                            return message.get("result", {})
+
+                call("Emulation.setDeviceMetricsOverride", width=1600, height=height,
+                     deviceScaleFactor=1, mobile=False)  # fmt: skip
+                call("Page.navigate", url=url)
+                time.sleep(SETTLE_SECONDS)
+                said = ""
+                if action is not None:
+                    result = call("Runtime.evaluate", expression=action, returnByValue=True)
+                    said = str(result.get("result", {}).get("value", ""))
+                    time.sleep(SETTLE_SECONDS)
+                shot = call("Page.captureScreenshot", format="png")
+                path.write_bytes(base64.b64decode(shot["data"]))
+                return said
+        finally:
+            browser.terminate()
+            browser.wait(timeout=30)
 
 
 def pages(base: str, tracking_uri: str, folder: Path) -> dict[str, str]:
@@ -146,9 +188,9 @@ def main() -> int:
         urls = pages(base, tracking_uri, Path(tempfile.mkdtemp(prefix="melvae-report-")))
         (args.out / "urls.json").write_text(json.dumps(urls, indent=2))
         for name, url in urls.items():
-            height = HEIGHTS.get(name, 1000)
-            saved = screenshot(chromium, url, args.out / f"{name}.png", height)
-            print(f"{name:22s} {'saved' if saved else 'FAILED'}  {url}")
+            action, height = ACTIONS.get(name, (None, 1000))
+            said = screenshot(chromium, url, args.out / f"{name}.png", action, height)
+            print(f"{name:22s} saved {said}  {url}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -225,7 +225,7 @@ def _study_figures(study: optuna.Study, config: StudyConfig) -> list[tuple[str, 
 
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
 
