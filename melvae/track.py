@@ -131,17 +131,28 @@ def top_level_run(experiment_id: str, *, run_name: str, tags: Mapping[str, str])
             raise
 
 
-def trial_run_name(trial_number: int, settings: Mapping[str, Any]) -> str:
-    """`trial-<number>` and the settings that tell trials apart, e.g. `trial-4 h64x2 z5 lr1.9e-03`
-    (hidden width × layers, latent size, learning rate)."""
-    parts = [f"trial-{trial_number}"]
+def describe_settings(settings: Mapping[str, Any], *, compact: bool = False) -> str:
+    """The settings that tell trials apart: hidden width × layers, latent size, learning rate.
+
+    `hidden 64 × 2, latent 5, lr 1.9e-03`, or with `compact` `h64x2 z5 lr1.9e-03`.
+    """
+    parts = []
     if "hidden_dim" in settings:
-        parts.append(f"h{settings['hidden_dim']}x{settings.get('n_layers', 1)}")
+        parts.append(("hidden ", "h", f"{settings['hidden_dim']}", settings.get("n_layers", 1)))
     if "latent_dim" in settings:
-        parts.append(f"z{settings['latent_dim']}")
+        parts.append(("latent ", "z", f"{settings['latent_dim']}", None))
     if "learning_rate" in settings:
-        parts.append(f"lr{float(settings['learning_rate']):.1e}")
-    return " ".join(parts)
+        parts.append(("lr ", "lr", f"{float(settings['learning_rate']):.1e}", None))
+    if compact:
+        return " ".join(f"{short}{value}" + (f"x{times}" if times else "")
+                        for _, short, value, times in parts)  # fmt: skip
+    return ", ".join(f"{long}{value}" + (f" × {times}" if times else "")
+                     for long, _, value, times in parts)  # fmt: skip
+
+
+def trial_run_name(trial_number: int, settings: Mapping[str, Any]) -> str:
+    """`trial-<number>` and its settings, e.g. `trial-4 h64x2 z5 lr1.9e-03`."""
+    return f"trial-{trial_number} {describe_settings(settings, compact=True)}".rstrip()
 
 
 @contextlib.contextmanager

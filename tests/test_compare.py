@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -193,12 +194,12 @@ def test_column_format_is_one_format_per_column():
 def test_optuna_dashboard_reads_both_objectives_and_the_champion(small_study):
     pytest.importorskip("optuna_dashboard")
     port = _free_port()
-    command = [sys.executable, "-m", "optuna_dashboard", small_study["storage"]]
+    command = [str(Path(sys.executable).parent / "optuna-dashboard"), small_study["storage"]]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     with process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as dashboard:
         base = f"http://127.0.0.1:{port}"
         _wait_until_up(f"{base}/api/meta", dashboard, seconds=120)
-        studies = _get(base, "/api/studies")["studies"]
+        studies = _get(base, "/api/studies")["study_summaries"]
         (summary,) = [s for s in studies if s["study_name"] == STUDY]
         assert summary["directions"] == ["minimize", "maximize"]
         detail = _get(base, f"/api/studies/{summary['study_id']}", after="0")

@@ -63,18 +63,6 @@ class Report:
     note: str  # a few lines of Markdown for the parent run's description
 
 
-def settings_label(params: dict[str, object]) -> str:
-    """A trial's settings in a few words: `hidden 64 × 2, latent 5, lr 1.9e-03, 100 epochs`."""
-    parts = []
-    if "hidden_dim" in params:
-        parts.append(f"hidden {params['hidden_dim']} × {params.get('n_layers', 1)}")
-    if "latent_dim" in params:
-        parts.append(f"latent {params['latent_dim']}")
-    if "learning_rate" in params:
-        parts.append(f"lr {float(params['learning_rate']):.1e}")
-    return ", ".join(parts)
-
-
 def _format(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
@@ -110,11 +98,12 @@ def _panels(
             )
             epochs = len(trial.user_attrs.get(CURVE_ATTR, ())) or trial.params.get("epochs")
             is_champion = champion is not None and trial.number == champion.number
+            settings = track.describe_settings(trial.params)
             panels.append(
                 Panel(
                     trial=trial.number,
                     title=f"trial {trial.number}" + (" (champion)" if is_champion else ""),
-                    caption=f"{settings_label(trial.params)}, {epochs} epochs run; {scores}",
+                    caption=f"{settings}, {epochs} epochs run; {scores}",
                     png=_trial_tsne(trial.user_attrs.get("mlflow_run_id"), Path(tmp)),
                     champion=is_champion,
                 )
@@ -312,7 +301,7 @@ def champion_line(config: StudyConfig, champion: optuna.trial.FrozenTrial) -> st
     values = ", ".join(
         f"{n} {_format(v)}" for n, v in zip(config.objectives, champion.values, strict=True)
     )
-    return f"trial {champion.number} ({settings_label(champion.params)}): {values}"
+    return f"trial {champion.number} ({track.describe_settings(champion.params)}): {values}"
 
 
 def _note(
