@@ -43,22 +43,42 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--hide-scrollbars",
 ]
-# After loading, what a user would do before looking: (JavaScript to run, viewport height). The
-# compare view shows a run's artifact only once a file of the common list is clicked.
+# After loading, what a user would do before looking: JavaScript steps (each followed by a
+# pause) and the viewport height. The compare view loads its artifact list once scrolled to and
+# shows a run's artifact only once a file of that list is clicked.
+SCROLL_TO_ARTIFACTS = """
+(() => {
+  const heading = [...document.querySelectorAll('*')].find(
+    (e) => e.childElementCount === 0 && e.textContent.trim() === 'Artifacts');
+  if (heading) { heading.scrollIntoView(); return 'scrolled to Artifacts'; }
+  document.querySelectorAll('*').forEach((e) => {
+    if (e.scrollHeight > e.clientHeight + 10) e.scrollTop = e.scrollHeight;
+  });
+  return 'scrolled to the bottom';
+})()
+"""
 CLICK_TSNE = """
 (() => {
   const node = [...document.querySelectorAll('*')].find(
     (e) => e.childElementCount === 0 && e.textContent.trim() === 'tsne.png');
   if (!node) return 'no tsne.png in the common artifacts';
   node.click();
-  const heading = [...document.querySelectorAll('*')].find(
-    (e) => e.childElementCount === 0 && e.textContent.trim() === 'Artifacts');
-  setTimeout(() => heading && heading.scrollIntoView(), 500);
   return 'clicked tsne.png';
 })()
 """
-ACTIONS = {"compare_three_trials": (CLICK_TSNE, 1100), "parent_report": (None, 3000)}
-SETTLE_SECONDS = 12  # for the UI to fetch runs and draw; generous on a busy machine
+ACTIONS = {
+    "compare_three_trials": ([SCROLL_TO_ARTIFACTS, CLICK_TSNE, SCROLL_TO_ARTIFACTS], 1400),
+    "parent_report": ([], 3000),
+}
+# Text each page shows once it has fetched its runs and drawn them.
+READY = {
+    "runs_list": "matching runs",
+    "compare_three_trials": "Run details",
+    "trial_page": "t-SNE",
+    "parent_report": "Champion",
+}
+SETTLE_SECONDS = 4
+READY_SECONDS = 180  # a busy 2-core machine takes a while to draw the UI
 
 
 def _free_port() -> int:
@@ -91,9 +111,11 @@ def wait_until_up(url: str, seconds: float = 180) -> None:
             time.sleep(1)
 
 
-def screenshot(chromium: str, url: str, path: Path, action: str | None, height: int) -> str:
-    """Open `url` in a fresh headless Chromium profile, wait for it to settle, run `action`
-    (JavaScript), and save the viewport as `path`; returns what the action said."""
+def screenshot(
+    chromium: str, url: str, path: Path, *, ready: str, steps: list[str], height: int
+) -> str:
+    """Open `url` in a fresh headless Chromium profile, wait until it shows the text `ready`,
+    run the JavaScript `steps`, and save the viewport as `path`; returns what the steps said."""
     from websockets.sync.client import connect
 
     port = _free_port()
@@ -121,15 +143,22 @@ def screenshot(chromium: str, url: str, path: Path, action: str | None, height: 
                 call("Emulation.setDeviceMetricsOverride", width=1600, height=height,
                      deviceScaleFactor=1, mobile=False)  # fmt: skip
                 call("Page.navigate", url=url)
+                shows = f"document.body && document.body.innerText.includes({json.dumps(ready)})"
+                deadline = time.monotonic() + READY_SECONDS
+                while time.monotonic() < deadline:
+                    answer = call("Runtime.evaluate", expression=shows, returnByValue=True)
+                    if answer.get("result", {}).get("value") is True:
+                        break
+                    time.sleep(2)
                 time.sleep(SETTLE_SECONDS)
-                said = ""
-                if action is not None:
-                    result = call("Runtime.evaluate", expression=action, returnByValue=True)
-                    said = str(result.get("result", {}).get("value", ""))
+                said = []
+                for step in steps:
+                    result = call("Runtime.evaluate", expression=step, returnByValue=True)
+                    said.append(str(result.get("result", {}).get("value", "")))
                     time.sleep(SETTLE_SECONDS)
                 shot = call("Page.captureScreenshot", format="png")
                 path.write_bytes(base64.b64decode(shot["data"]))
-                return said
+                return "; ".join(said)
         finally:
             browser.terminate()
             browser.wait(timeout=30)
@@ -188,8 +217,15 @@ def main() -> int:
         urls = pages(base, tracking_uri, Path(tempfile.mkdtemp(prefix="melvae-report-")))
         (args.out / "urls.json").write_text(json.dumps(urls, indent=2))
         for name, url in urls.items():
-            action, height = ACTIONS.get(name, (None, 1000))
-            said = screenshot(chromium, url, args.out / f"{name}.png", action, height)
+            steps, height = ACTIONS.get(name, ([], 1000))
+            said = screenshot(
+                chromium,
+                url,
+                args.out / f"{name}.png",
+                ready=READY[name],
+                steps=steps,
+                height=height,
+            )
             print(f"{name:22s} saved {said}  {url}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
