@@ -57,6 +57,18 @@ SCROLL_TO_ARTIFACTS = """
   return 'scrolled to the bottom';
 })()
 """
+# The MLflow Assistant panel opens on every page of a fresh browser; a user closes it once.
+CLOSE_ASSISTANT = """
+(() => {
+  let node = [...document.querySelectorAll('*')].find(
+    (e) => e.childElementCount === 0 && e.textContent.trim() === 'MLflow Assistant');
+  for (let up = 0; node && up < 5; up++, node = node.parentElement) {
+    const buttons = node.querySelectorAll('button');
+    if (buttons.length >= 2) { buttons[buttons.length - 1].click(); return 'closed the Assistant'; }
+  }
+  return 'no Assistant panel closed';
+})()
+"""
 CLICK_TSNE = """
 (() => {
   const node = [...document.querySelectorAll('*')].find(
@@ -67,14 +79,19 @@ CLICK_TSNE = """
 })()
 """
 ACTIONS = {
-    "compare_three_trials": ([SCROLL_TO_ARTIFACTS, CLICK_TSNE, SCROLL_TO_ARTIFACTS], 1400),
+    "runs_list": ([CLOSE_ASSISTANT], 1000),
+    "compare_three_trials": (
+        [CLOSE_ASSISTANT, SCROLL_TO_ARTIFACTS, CLICK_TSNE, SCROLL_TO_ARTIFACTS],
+        1400,
+    ),
+    "trial_page": ([CLOSE_ASSISTANT], 1000),
     "parent_report": ([], 3000),
 }
 # Text each page shows once it has fetched its runs and drawn them.
 READY = {
     "runs_list": "matching runs",
     "compare_three_trials": "Run details",
-    "trial_page": "t-SNE",
+    "trial_page": "tsne.png",
     "parent_report": "Champion",
 }
 SETTLE_SECONDS = 4
@@ -229,7 +246,10 @@ def main() -> int:
             print(f"{name:22s} saved {said}  {url}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
     return 0
 
 

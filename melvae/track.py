@@ -95,23 +95,24 @@ def _tag_experiment(experiment: mlflow.entities.Experiment) -> None:
 
 # The columns of the comparison view: what a trial was and how it scored.
 _VIEW_PARAMS = ("hidden_dim", "n_layers", "latent_dim", "learning_rate", "epochs", "batch_size")
-_VIEW_METRICS = ("best_val_loss", "bio_score", "knn_accuracy", "ari", "silhouette")
+_VIEW_METRICS = ("bio_score", "best_val_loss", "knn_accuracy")
 _VIEW_TAGS = (ROLE,)
 
 
 def comparison_view() -> str:
     """The runs-table state (JSON) of the view `experiment_url` opens: trials and baselines,
-    flat (no parent rows), best `bio_score` first, showing their settings and scores."""
-    columns = [f"attributes.`{name}`" for name in ("Duration",)]
+    flat (no parent rows), best `bio_score` first, showing their scores and settings."""
+    columns = [f"metrics.`{name}`" for name in _VIEW_METRICS]
     columns += [f"params.`{name}`" for name in _VIEW_PARAMS]
-    columns += [f"metrics.`{name}`" for name in _VIEW_METRICS]
     columns += [f"tags.`{name}`" for name in _VIEW_TAGS]
+    columns += [f"attributes.`{name}`" for name in ("Duration",)]
     return json.dumps(
         {
             "searchFilter": f"tags.{ROLE} != '{PARENT_ROLE}'",
             "orderByKey": "metrics.`bio_score`",
             "orderByAsc": False,
             "selectedColumns": columns,
+            "columnOrder": columns,
         }
     )
 
