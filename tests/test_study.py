@@ -166,7 +166,7 @@ def test_baselines_are_runs_with_the_trials_metric_names_and_margins(tracked):
     reused = baselines.dropna(subset=["tags.reused_trial"])
     assert set(reused["tags.mlflow.runName"]) == {f"baseline-experiment-{i}" for i in (1, 2, 3)}
     assert set(reused["tags.reused_trial"]) == {"0", "1", "2"}
-    trial = runs[runs["tags.mlflow.runName"] == "trial-0"].iloc[0]
+    trial = runs[runs["tags.trial_number"] == "0"].iloc[0]
     trial_metrics = {c for c in runs.columns if c.startswith("metrics.") and pd.notna(trial[c])}
     test_metrics = {f"metrics.test_{name}" for name in FINAL_METRICS}
     for _, baseline in baselines.iterrows():
@@ -361,9 +361,9 @@ def test_a_non_finite_loss_fails_that_trial_only(tmp_path, monkeypatch):
     states = [t.state for t in outcome.study.trials[:2]]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert "nan" in outcome.study.trials[0].user_attrs["fail_reason"]
-    runs = _runs("nan-pbmc68k_reduced").set_index("tags.mlflow.runName")
-    assert runs.loc["trial-0", "status"] == "FAILED"
-    assert "NonFiniteLossError" in runs.loc["trial-0", "tags.failure_reason"]
+    runs = _runs("nan-pbmc68k_reduced").set_index("tags.trial_number")
+    assert runs.loc["0", "status"] == "FAILED"
+    assert "NonFiniteLossError" in runs.loc["0", "tags.failure_reason"]
     assert outcome.registration is not None
 
 
@@ -377,9 +377,9 @@ def test_a_pruned_trial_is_tagged_pruned(tmp_path, monkeypatch):
     )
     outcome = run_study(config, n_trials=2, epochs_cap=2, progress=False)
     assert outcome.study.trials[1].state == optuna.trial.TrialState.PRUNED
-    runs = _runs("pr-pbmc68k_reduced").set_index("tags.mlflow.runName")
-    assert runs.loc["trial-1", "tags.pruned"] == "true"
-    assert runs.loc["trial-1", "status"] == "KILLED"
+    runs = _runs("pr-pbmc68k_reduced").set_index("tags.trial_number")
+    assert runs.loc["1", "tags.pruned"] == "true"
+    assert runs.loc["1", "status"] == "KILLED"
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
