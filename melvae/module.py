@@ -14,18 +14,18 @@ parameter. The decoder output is read as
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from melvae import params
 from melvae.errors import InputError
 from melvae.layers import WideLinear
 from melvae.losses import bernoulli_nll
 
 Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
-NORMS: tuple[str, ...] = ("none", "batch", "layer")
 
 
 class LossParts(NamedTuple):
@@ -69,11 +69,10 @@ class VAEModule(nn.Module):
         hidden_dim: int,
         latent_dim: int,
         likelihood: Likelihood = "bernoulli",
-        *,
-        n_layers: int = 1,
-        dropout: float = 0.0,
-        norm: str = "none",
+        **architecture: Any,
     ) -> None:
+        """Build the module; `architecture` takes the other module parameters of
+        `melvae.params` (n_layers, dropout, norm, ...), each defaulting to the original."""
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise InputError(
@@ -81,21 +80,18 @@ class VAEModule(nn.Module):
                 where="VAEModule",
                 fix=f"use one of {', '.join(LIKELIHOODS)}",
             )
-        if min(n_genes, hidden_dim, latent_dim) < 1:
+        if n_genes < 1:
             raise InputError(
-                f"layer sizes must be positive (n_genes={n_genes}, hidden_dim={hidden_dim}, "
-                f"latent_dim={latent_dim})",
+                f"n_genes = {n_genes}: a module needs at least one gene",
                 where="VAEModule",
-                fix="give positive sizes",
+                fix="give data with at least one gene",
             )
-        if n_layers < 1 or not 0 <= dropout < 1 or norm not in NORMS:
-            raise InputError(
-                f"bad architecture (n_layers={n_layers}, dropout={dropout}, norm={norm!r})",
-                where="VAEModule",
-                fix=f"n_layers >= 1, 0 <= dropout < 1, norm one of {', '.join(NORMS)}",
-            )
+        block = params.module_values(
+            {"hidden_dim": hidden_dim, "latent_dim": latent_dim, **architecture}, where="VAEModule"
+        )
         self.likelihood = likelihood
-        block = {"n_layers": n_layers, "norm": norm, "dropout": dropout}
+        block.pop("latent_dim")
+        hidden_dim = block.pop("hidden_dim")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)

@@ -116,5 +116,5 @@ def test_deeper_modules_with_norm_and_dropout_train_and_encode_deterministically
     module.loss(x).total.backward()
     module.eval()  # dropout off, batch norm on running statistics: encoding is repeatable
     assert torch.equal(module.encode(x)[0], module.encode(x)[0])
-    with pytest.raises(InputError, match="bad architecture"):
+    with pytest.raises(InputError, match="n_layers = 0 is not valid"):
         VAEModule(n_genes=10, hidden_dim=8, latent_dim=3, n_layers=0)
