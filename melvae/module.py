@@ -2,9 +2,9 @@
 
 encoder: Linear(n_genes -> hidden) + ReLU -> (mu, logvar) via two Linear(hidden -> latent);
 decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes). `n_layers` hidden layers
-(each optionally followed by a batch/layer norm before the ReLU and by dropout after it) deepen
-both sides; the defaults (1 layer, no norm, no dropout) are the original module, parameter for
-parameter. The decoder output is read as
+(each optionally followed by a batch/layer norm before the activation and by dropout after it)
+deepen both sides; the activation may be ReLU, GELU or ELU; the defaults (1 layer, no norm, no
+dropout, ReLU) are the original module, parameter for parameter. The decoder output is read as
 - "bernoulli": logits of a Bernoulli per gene, loss = BCE (the original, for [0, 1] min-max data);
 - "gaussian": the mean of a unit-variance Gaussian, loss = 0.5 * squared error (its NLL without the
   constant);
@@ -36,6 +36,9 @@ class LossParts(NamedTuple):
     kl: torch.Tensor
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
+
+
 def hidden_stack(
     in_dim: int,
     hidden_dim: int,
@@ -43,10 +46,11 @@ def hidden_stack(
     *,
     norm: str,
     dropout: float,
+    activation: str,
     first: type[nn.Linear] = nn.Linear,
 ) -> list[nn.Module]:
-    """`n_layers` blocks of Linear -> (norm) -> ReLU -> (dropout), the first (a `first`) reading
-    `in_dim`."""
+    """`n_layers` blocks of Linear -> (norm) -> activation -> (dropout), the first (a `first`)
+    reading `in_dim`."""
     layers: list[nn.Module] = []
     for i in range(n_layers):
         layers.append(first(in_dim, hidden_dim) if i == 0 else nn.Linear(hidden_dim, hidden_dim))
@@ -54,7 +58,7 @@ def hidden_stack(
             layers.append(nn.BatchNorm1d(hidden_dim))
         elif norm == "layer":
             layers.append(nn.LayerNorm(hidden_dim))
-        layers.append(nn.ReLU())
+        layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return layers

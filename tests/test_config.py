@@ -183,3 +183,18 @@ def test_every_value_is_checked_at_load_time_with_its_key(tmp_path, case):
     assert "TOML" not in error.value.what
     assert key in error.value.where
     assert str(path) in error.value.where
+
+
+def test_the_activation_is_searchable_and_defaults_to_the_original_relu(tmp_path):
+    assert load_study_config(DEFAULT_STUDY).fixed_params()["activation"] == "relu"
+    search = '[search.activation]\ntype = "categorical"\nchoices = ["relu", "gelu", "elu"]\n'
+    seeds = (
+        'norm = "none"\nkl_warmup_epochs = 0',
+        'norm = "none"\nkl_warmup_epochs = 0\nactivation = "relu"',
+    )
+    path = tmp_path / "study.toml"
+    path.write_text(DEFAULT_STUDY.read_text().replace(*seeds) + search)
+    assert ("relu", "gelu", "elu") in [p.choices for p in load_study_config(path).search]
+    path.write_text(path.read_text().replace('"elu"]', '"tanh"]'))
+    with pytest.raises(InputError, match="activation = 'tanh' is not valid"):
+        load_study_config(path)
