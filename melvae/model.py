@@ -25,7 +25,8 @@ import torch
 from melvae import params
 from melvae.data.loader import batches
 from melvae.errors import InputError
-from melvae.module import Likelihood, VAEModule
+from melvae.likelihoods import LikelihoodName, check_pair, get_likelihood
+from melvae.module import VAEModule
 from melvae.preprocess import (
     Matrix,
     PreprocessConfig,
@@ -40,14 +41,6 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "melvae.json"
 WEIGHTS_FILE = "weights.pt"
 FORMAT_VERSION = 1
-
-# The transforms each decoder likelihood is valid for (Bernoulli needs values in [0, 1],
-# the negative binomial needs untransformed counts).
-COMPATIBLE_TRANSFORMS: dict[str, tuple[str, ...]] = {
-    "bernoulli": ("minmax",),
-    "gaussian": ("minmax", "log1p", "counts"),
-    "negative_binomial": ("counts",),
-}
 
 
 class MelVAE:
@@ -93,7 +86,7 @@ class MelVAE:
         /,
         *,
         preprocess: PreprocessConfig | Preprocessor | None = None,
-        likelihood: Likelihood = "bernoulli",
+        likelihood: LikelihoodName = "bernoulli",
         train: TrainConfig | None = None,
         label_key: str | None = None,
         on_epoch: EpochCallback | None = None,
@@ -144,7 +137,9 @@ class MelVAE:
         else:
             preprocessor = fit_preprocessor(train_cells, preprocess)
             preprocess_config = asdict(preprocess)
-        _check_compatible(likelihood, preprocessor.transform)
+        check_pair(
+            likelihood, preprocessor.transform, where="MelVAE.fit(likelihood=..., preprocess=...)"
+        )
         hyperparameters = {
             "n_genes": len(preprocessor.genes),
             **params.module_values(architecture, where="MelVAE.fit"),
@@ -161,7 +156,7 @@ class MelVAE:
         )
         train_x = model._prepare(train_cells, "training cells")
         val_x = model._prepare(val_cells, "validation cells")
-        if likelihood == "negative_binomial":
+        if get_likelihood(likelihood, where="MelVAE.fit").uses_library:
             model.library_size = float(np.median(np.asarray(train_x.sum(axis=1)).ravel()))
         model.history = train_vae(
             model.module, train_x, val_x, training, on_epoch=on_epoch, progress=progress
@@ -326,17 +321,6 @@ def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
             architecture.pop("latent_dim"),
             hyperparameters["likelihood"],
             **architecture,
-        )
-
-
-def _check_compatible(likelihood: str, transform: str) -> None:
-    allowed = COMPATIBLE_TRANSFORMS.get(likelihood)
-    if allowed is not None and transform not in allowed:
-        raise InputError(
-            f"the {likelihood} decoder cannot model {transform!r}-transformed data",
-            where="MelVAE.fit(likelihood=..., preprocess=...)",
-            fix=f"use transform {' or '.join(map(repr, allowed))} with {likelihood}, "
-            "or likelihood='gaussian'",
         )
 
 

@@ -134,7 +134,7 @@ def test_the_original_single_objective_study_stays_available(tmp_path):
             'choices = ["none", "layer"]',
             'choices = ["none", "layer"]\n[search.transform_likelihood]\ntype = "categorical"\n'
             'choices = ["minmax/bernoulli", "log1p/bernoulli"]',
-            "pair 'log1p/bernoulli' is not valid",
+            "bernoulli decoder cannot model 'log1p'",
         ),
     ],
 )

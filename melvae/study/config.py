@@ -9,14 +9,13 @@ from typing import Any, Literal
 
 from melvae import params
 from melvae.errors import InputError
-from melvae.model import COMPATIBLE_TRANSFORMS
+from melvae.likelihoods import LIKELIHOODS, check_pair
 from melvae.params import PARAMS
 from melvae.preprocess import PreprocessConfig
 from melvae.study.selection import RULES, SelectionRule
 from melvae.train import TrainConfig
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "studies" / "default.toml"
-LIKELIHOODS = ("bernoulli", "gaussian", "negative_binomial")
 TRIAL_KEYS = tuple(PARAMS)
 # Pruner options that count trials or epochs: whole numbers >= this.
 PRUNER_COUNTS = {"n_startup_trials": 0, "n_warmup_steps": 0, "interval_steps": 1, "n_min_trials": 1}
@@ -256,13 +255,11 @@ def _check_architecture(config: StudyConfig) -> None:
     where = str(config.path)
     for pair in config.pairs():
         transform, likelihood = split_pair(pair)
-        if transform not in COMPATIBLE_TRANSFORMS.get(likelihood, ()):
-            valid = [f"{t}/{lik}" for lik, ts in COMPATIBLE_TRANSFORMS.items() for t in ts]
-            raise InputError(
-                f"transform/likelihood pair {pair!r} is not valid",
-                where=f"{where} [search.transform_likelihood] or [preprocess]/[model]",
-                fix=f"use one of {', '.join(valid)}",
-            )
+        check_pair(
+            likelihood,
+            transform,
+            where=f"{where} [search.transform_likelihood] or [preprocess]/[model]: {pair!r}",
+        )
 
 
 def _check_consistency(config: StudyConfig) -> None:
