@@ -2,30 +2,23 @@
 
 encoder: Linear(n_genes -> hidden) + ReLU -> (mu, logvar) via two Linear(hidden -> latent);
 decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes). `n_layers` hidden layers
-(each optionally followed by a batch/layer norm before the ReLU and by dropout after it) deepen
-both sides; the defaults (1 layer, no norm, no dropout) are the original module, parameter for
-parameter. The decoder output is read as
-- "bernoulli": logits of a Bernoulli per gene, loss = BCE (the original, for [0, 1] min-max data);
-- "gaussian": the mean of a unit-variance Gaussian, loss = 0.5 * squared error (its NLL without the
-  constant);
-- "negative_binomial": logits of the expression proportions; the mean is softmax(logits) times the
-  cell's library size, with a learned per-gene inverse dispersion. The encoder sees log1p(counts).
+(each optionally followed by a batch/layer norm before the activation and by dropout after it)
+deepen both sides; the activation may be ReLU, GELU or ELU; the defaults (1 layer, no norm, no
+dropout, ReLU) are the original module, parameter for parameter. The decoder
+output is read by the likelihood object (`melvae.likelihoods`): its loss, mean and encoder input.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from melvae import params
 from melvae.errors import InputError
 from melvae.layers import WideLinear
-from melvae.losses import bernoulli_nll
-
-Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
-NORMS: tuple[str, ...] = ("none", "batch", "layer")
+from melvae.likelihoods import LikelihoodName, get_likelihood
 
 
 class LossParts(NamedTuple):
@@ -36,6 +29,9 @@ class LossParts(NamedTuple):
     kl: torch.Tensor
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
+
+
 def hidden_stack(
     in_dim: int,
     hidden_dim: int,
@@ -43,10 +39,11 @@ def hidden_stack(
     *,
     norm: str,
     dropout: float,
+    activation: str,
     first: type[nn.Linear] = nn.Linear,
 ) -> list[nn.Module]:
-    """`n_layers` blocks of Linear -> (norm) -> ReLU -> (dropout), the first (a `first`) reading
-    `in_dim`."""
+    """`n_layers` blocks of Linear -> (norm) -> activation -> (dropout), the first (a `first`)
+    reading `in_dim`."""
     layers: list[nn.Module] = []
     for i in range(n_layers):
         layers.append(first(in_dim, hidden_dim) if i == 0 else nn.Linear(hidden_dim, hidden_dim))
@@ -54,7 +51,7 @@ def hidden_stack(
             layers.append(nn.BatchNorm1d(hidden_dim))
         elif norm == "layer":
             layers.append(nn.LayerNorm(hidden_dim))
-        layers.append(nn.ReLU())
+        layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return layers
@@ -68,34 +65,25 @@ class VAEModule(nn.Module):
         n_genes: int,
         hidden_dim: int,
         latent_dim: int,
-        likelihood: Likelihood = "bernoulli",
-        *,
-        n_layers: int = 1,
-        dropout: float = 0.0,
-        norm: str = "none",
+        likelihood: LikelihoodName = "bernoulli",
+        **architecture: Any,
     ) -> None:
+        """Build the module; `architecture` takes the other module parameters of
+        `melvae.params` (n_layers, dropout, norm, ...), each defaulting to the original."""
         super().__init__()
-        if likelihood not in LIKELIHOODS:
+        self.likelihood_model = get_likelihood(likelihood, where="VAEModule")
+        if n_genes < 1:
             raise InputError(
-                f"unknown likelihood {likelihood!r}",
+                f"n_genes = {n_genes}: a module needs at least one gene",
                 where="VAEModule",
-                fix=f"use one of {', '.join(LIKELIHOODS)}",
+                fix="give data with at least one gene",
             )
-        if min(n_genes, hidden_dim, latent_dim) < 1:
-            raise InputError(
-                f"layer sizes must be positive (n_genes={n_genes}, hidden_dim={hidden_dim}, "
-                f"latent_dim={latent_dim})",
-                where="VAEModule",
-                fix="give positive sizes",
-            )
-        if n_layers < 1 or not 0 <= dropout < 1 or norm not in NORMS:
-            raise InputError(
-                f"bad architecture (n_layers={n_layers}, dropout={dropout}, norm={norm!r})",
-                where="VAEModule",
-                fix=f"n_layers >= 1, 0 <= dropout < 1, norm one of {', '.join(NORMS)}",
-            )
+        block = params.module_values(
+            {"hidden_dim": hidden_dim, "latent_dim": latent_dim, **architecture}, where="VAEModule"
+        )
         self.likelihood = likelihood
-        block = {"n_layers": n_layers, "norm": norm, "dropout": dropout}
+        block.pop("latent_dim")
+        hidden_dim = block.pop("hidden_dim")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
@@ -103,27 +91,21 @@ class VAEModule(nn.Module):
         self.decoder = nn.Sequential(
             *hidden_stack(latent_dim, hidden_dim, **block), WideLinear(hidden_dim, n_genes)
         )
-        if likelihood == "negative_binomial":
-            self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        for name, parameter in self.likelihood_model.extra_parameters(n_genes).items():
+            self.register_parameter(name, parameter)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance of the latent code for each cell."""
-        h = self.encoder(torch.log1p(x) if self.likelihood == "negative_binomial" else x)
+        h = self.encoder(self.likelihood_model.encoder_input(x))
         return self.mu(h), self.logvar(h)
 
     def decode_mean(self, z: torch.Tensor, library: torch.Tensor | None = None) -> torch.Tensor:
         """Expected expression in the transformed space for latent codes `z`.
 
-        `library` (cells x 1 total counts) only matters for negative_binomial; without it the
-        result is the expected proportion of each gene (rows sum to 1).
+        `library` (cells x 1 total counts) only matters for a likelihood that uses it
+        (negative_binomial; without it the result is each gene's expected proportion).
         """
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(out)
-        if self.likelihood == "gaussian":
-            return out
-        proportions = torch.softmax(out, dim=-1)
-        return proportions if library is None else proportions * library
+        return self.likelihood_model.mean(self, self.decoder(z), library)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Expected expression decoded from each cell's posterior mean (no sampling)."""
@@ -140,26 +122,6 @@ class VAEModule(nn.Module):
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
-        recon = self._reconstruction_nll(x, self.decoder(z)).mean()
+        recon = self.likelihood_model.nll(self, x, self.decoder(z)).mean()
         kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1).mean()
         return LossParts(recon + kl_weight * kl, recon, kl)
-
-    def _reconstruction_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Per-cell negative log-likelihood of `x` given the decoder output, summed over genes."""
-        if self.likelihood == "bernoulli":
-            return bernoulli_nll(out, x)
-        if self.likelihood == "gaussian":
-            return 0.5 * (x - out).square().sum(dim=-1)
-        library = x.sum(dim=-1, keepdim=True)
-        log_mu = torch.log_softmax(out, dim=-1) + torch.log(library.clamp_min(1e-8))
-        log_theta = self.log_theta
-        theta = log_theta.exp()
-        log_theta_plus_mu = torch.logaddexp(log_theta, log_mu)
-        log_prob = (
-            theta * (log_theta - log_theta_plus_mu)
-            + x * (log_mu - log_theta_plus_mu)
-            + torch.lgamma(x + theta)
-            - torch.lgamma(theta)
-            - torch.lgamma(x + 1)
-        )
-        return -log_prob.sum(dim=-1)

@@ -4,7 +4,6 @@ prints."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import socket
 import subprocess
@@ -28,11 +27,10 @@ from melvae.study.runner import (
     best_complete_trial,
     create_experiment,
     create_study,
+    dataset_key,
     effective_config,
     prepare_data,
     promote_best,
-    run_study,
-    trials_table,
 )
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -40,6 +38,7 @@ from melvae.study.storage import (
     check_tracking_uri,
     redact_url,
 )
+from melvae.tuning import tune
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,39 +146,33 @@ def _run(args: argparse.Namespace) -> int:
         check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
         n_trials = args.n_trials or config.n_trials
         return workers.run_workers(args.argv, workers=args.workers, n_trials=n_trials)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
-    if args.device is not None:
-        train = dataclasses.replace(config.train, device=args.device)
-        config = dataclasses.replace(config, train=train)
-    outcome = run_study(
+    result = tune(
+        args.data,
         config,
-        storage=args.storage,
-        tracking_uri=args.tracking_uri,
         n_trials=args.n_trials,
         timeout=args.timeout,
-        epochs_cap=args.epochs,
-        data_path=args.data,
+        epochs=args.epochs,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+        threads=args.threads,
         progress=not args.quiet,
         heartbeat=args.heartbeat,
     )
-    print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
-    print(format_trials(trials_table(outcome.study)))
-    config = effective_config(outcome.study, config)
-    best = best_complete_trial(outcome.study, config)
+    print(f"\nstudy {result.study.study_name!r}: {len(result.study.trials)} trials in storage")
+    print(format_trials(result.trials))
+    config, best = result.config, result.champion_trial
     if best is not None:
         values = ", ".join(
             f"{n} = {v:.6g}" for n, v in zip(config.objectives, best.values, strict=True)
         )
         print(f"champion: trial {best.number}, {values}")
         print(f"  chosen by: {config.selection.describe(config.objectives)}")
-    if outcome.comparison is not None:
+    if result.comparison is not None:
         print("\nheld-out test metrics, champion vs baselines (positive margin: champion better):")
-        print(outcome.comparison.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"this run took {outcome.seconds:.0f} s (MLflow parent run {outcome.parent_run_id})")
-    reg = outcome.registration
+        print(result.comparison.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"this run took {result.seconds:.0f} s (MLflow parent run {result.parent_run_id})")
+    reg = result.registration
     if reg is None:
         print("no completed trial: nothing registered")
         return 1
@@ -251,8 +244,7 @@ def _promote(args: argparse.Namespace) -> int:
     check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
     track.use_backend(args.tracking_uri)
     study = _find_study(args, config)
-    dataset_key = study.study_name.removeprefix(f"{config.name}-")
-    registration = promote_best(study, config, dataset_key)
+    registration = promote_best(study, config, dataset_key(study, config))
     if registration is None:
         print("no completed trial: nothing registered")
         return 1
