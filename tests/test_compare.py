@@ -189,6 +189,7 @@ def test_column_format_is_one_format_per_column():
     assert column_format("epochs", pd.Series([2.0, float("nan")]))(float("nan")) == ""
     assert column_format("epochs", pd.Series([2.0, 5.0]))(5.0) == "5"
     assert column_format("learning_rate", pd.Series([1e-4]))(1.9e-3) == "1.9e-03"
+    assert column_format("seconds", pd.Series([8.2, 3.61]))(3.61) == "3.6"
 
 
 def test_optuna_dashboard_reads_both_objectives_and_the_champion(small_study):

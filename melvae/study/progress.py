@@ -62,21 +62,23 @@ def trial_progress(
         bar.close()
 
 
-# Columns printed in scientific notation: values that span orders of magnitude.
+# Columns printed in scientific notation (values that span orders of magnitude), and with one
+# decimal (wall time).
 _SCIENTIFIC = {"learning_rate"}
+_ONE_DECIMAL = {"seconds"}
 
 
 def column_format(name: str, values: pd.Series) -> Callable[[object], str]:
     """One number format for a whole column of the trials table: integers as integers, the
-    learning rate as 1.9e-03, values of 100 or more with one decimal, the rest with three;
-    missing values blank."""
+    learning rate as 1.9e-03, seconds and values of 100 or more with one decimal, the rest with
+    three; missing values blank."""
     numbers = pd.to_numeric(values, errors="coerce").astype(float)
     finite = numbers[np.isfinite(numbers)]
     if name in _SCIENTIFIC:
         pattern = "{:.1e}"
     elif finite.empty or (finite == finite.round()).all():
         pattern = "{:.0f}"
-    elif finite.abs().max() >= 100:
+    elif name in _ONE_DECIMAL or finite.abs().max() >= 100:
         pattern = "{:.1f}"
     else:
         pattern = "{:.3f}"
