@@ -46,10 +46,21 @@ CHROMIUM_FLAGS = [
 # After loading, what a user would do before looking: JavaScript steps (each followed by a
 # pause) and the viewport height. The compare view loads its artifact list once scrolled to and
 # shows a run's artifact only once a file of that list is clicked.
-SCROLL_TO_ARTIFACTS = """
+# The element holding a text node that reads exactly `text` (JavaScript, defined per step).
+FIND_TEXT = """
+var byText = (text) => {  // var: each step declares it again
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (node.nodeValue.trim() === text) return node.parentElement;
+  }
+  return null;
+};
+"""
+SCROLL_TO_ARTIFACTS = (
+    FIND_TEXT
+    + """
 (() => {
-  const heading = [...document.querySelectorAll('*')].find(
-    (e) => e.childElementCount === 0 && e.textContent.trim() === 'Artifacts');
+  const heading = byText('Artifacts');
   if (heading) { heading.scrollIntoView(); return 'scrolled to Artifacts'; }
   document.querySelectorAll('*').forEach((e) => {
     if (e.scrollHeight > e.clientHeight + 10) e.scrollTop = e.scrollHeight;
@@ -57,11 +68,13 @@ SCROLL_TO_ARTIFACTS = """
   return 'scrolled to the bottom';
 })()
 """
+)
 # The MLflow Assistant panel opens on every page of a fresh browser; a user closes it once.
-CLOSE_ASSISTANT = """
+CLOSE_ASSISTANT = (
+    FIND_TEXT
+    + """
 (() => {
-  let node = [...document.querySelectorAll('*')].find(
-    (e) => e.childElementCount === 0 && e.textContent.trim() === 'MLflow Assistant');
+  let node = byText('MLflow Assistant');
   for (let up = 0; node && up < 5; up++, node = node.parentElement) {
     const buttons = node.querySelectorAll('button');
     if (buttons.length >= 2) { buttons[buttons.length - 1].click(); return 'closed the Assistant'; }
@@ -69,15 +82,18 @@ CLOSE_ASSISTANT = """
   return 'no Assistant panel closed';
 })()
 """
-CLICK_TSNE = """
+)
+CLICK_TSNE = (
+    FIND_TEXT
+    + """
 (() => {
-  const node = [...document.querySelectorAll('*')].find(
-    (e) => e.childElementCount === 0 && e.textContent.trim() === 'tsne.png');
+  const node = byText('tsne.png');
   if (!node) return 'no tsne.png in the common artifacts';
   node.click();
   return 'clicked tsne.png';
 })()
 """
+)
 ACTIONS = {
     "runs_list": ([CLOSE_ASSISTANT], 1000),
     "compare_three_trials": (
