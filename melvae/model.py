@@ -260,9 +260,25 @@ class MelVAE:
         self, adata: ad.AnnData, *, batch_size: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
         """(transformed input, reconstruction from the latent mean), both dense cells x genes."""
+        _, x, x_hat = self.encode_and_reconstruct(adata, batch_size=batch_size)
+        return x, x_hat
+
+    def encode_and_reconstruct(
+        self, adata: ad.AnnData, *, batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(latent means, transformed input, reconstruction) in one pass over the cells: what
+        `encode` and `reconstruct` give, for the cost of one."""
         x = self._prepare(adata)
-        x_hat = self._predict(self.module.reconstruct, x, batch_size)
-        return (x.toarray() if sp.issparse(x) else np.asarray(x)), x_hat
+        latent_dim = self.hyperparameters["latent_dim"]
+
+        def both(xb: torch.Tensor) -> torch.Tensor:
+            mu, _ = self.module.encode(xb)
+            library = xb.sum(dim=-1, keepdim=True)
+            return torch.cat([mu, self.module.decode_mean(mu, library=library)], dim=1)
+
+        out = self._predict(both, x, batch_size)
+        dense = x.toarray() if sp.issparse(x) else np.asarray(x)
+        return out[:, :latent_dim], dense, out[:, latent_dim:]
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write weights and JSON metadata to `directory` atomically; return the directory.

@@ -22,17 +22,13 @@ from melvae.evaluate import BIO_METRICS
 from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
-from melvae.study.baselines import (
-    comparison_table,
-    margins_over_best,
-    run_baselines,
-    score_champion,
-)
+from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
-from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
+from melvae.study.objective import Objective, PreparedData
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import epoch_pruner
 from melvae.study.recovery import requeue_when_stopped, worker_id
+from melvae.study.scoring import FINAL_METRICS, SplitScores
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -394,7 +390,7 @@ def score_on_test_step(
 ) -> dict[str, float]:
     """The champion's held-out test metrics (never used for selection), on the parent run and
     in the study's user attributes."""
-    metrics = score_champion(champion, data)
+    metrics = SplitScores(champion, data).test()
     track.log_metrics(metrics)
     study.set_user_attr(CHAMPION_TEST_ATTR, {"trial": best.number, **metrics})
     return metrics
