@@ -25,6 +25,18 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def backend_exists(tracking_uri: str | None = None) -> bool:
+    """False only for a local SQLite backend whose database file does not exist yet.
+
+    Commands that only read (analyze, load_model) check this first: opening a SQLite URI
+    through MLflow creates the file, and a reader must never leave a database behind.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        return True
+    return Path(uri.removeprefix("sqlite:///")).is_file()
+
+
 def use_backend(tracking_uri: str | None = None) -> str:
     """Point MLflow tracking and registry at one backend; the project's SQLite file by default."""
     uri = resolve_tracking_uri(tracking_uri)
@@ -122,6 +134,20 @@ def end_abandoned_run(run_id: str, *, reason: str) -> None:
         if target is not None and target.info.status == "RUNNING":
             client.set_tag(target.info.run_id, "failure_reason", reason)
             client.set_terminated(target.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def fail_run(run_id: str, *, reason: str) -> None:
+    """End one run FAILED with a `failure_reason` tag (a run its dead process left RUNNING)."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def running_runs(experiment_id: str) -> list[mlflow.entities.Run]:
+    """Every run of the experiment still marked RUNNING."""
+    return mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+    )
 
 
 def _parent(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> mlflow.entities.Run | None:

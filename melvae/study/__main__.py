@@ -174,6 +174,8 @@ def _run(args: argparse.Namespace) -> int:
         print("no completed trial: nothing registered")
         return 1
     verdict = "is now @champion" if reg.promoted else "did not beat the @champion"
+    if reg.refused:
+        verdict = f"left out of the @champion comparison: {reg.refused}"
     print(f"registered {reg.name} version {reg.version}: {verdict}")
     print(f"load it: melvae.load_model('models:/{reg.name}@champion')")
     print("browse it: python -m melvae.study ui")
@@ -247,6 +249,8 @@ def _promote(args: argparse.Namespace) -> int:
         print("no completed trial: nothing registered")
         return 1
     state = "promoted to @champion" if registration.promoted else "not better than @champion"
+    if registration.refused:
+        state = f"not compared with @champion: {registration.refused}"
     print(f"{registration.name} version {registration.version}: {state}")
     return 0
 

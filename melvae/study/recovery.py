@@ -9,6 +9,7 @@ import signal
 import socket
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import optuna
@@ -90,3 +91,50 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
             reason=f"worker stopped sending heartbeats during trial {trial.number} "
             f"(killed or lost); failed by {worker_id()}",
         )
+
+
+def end_runs_of_dead_workers(experiment_id: str) -> list[str]:
+    """End FAILED (with a reason) the runs a dead melvae process of this machine left RUNNING.
+
+    Parent, analysis and other top-level runs carry the `worker` tag (host:pid); when that
+    process no longer exists, the run and every run nested under it that is still RUNNING
+    (baselines, its trial) are ended. Processes on other machines cannot be checked from here:
+    their trial runs are closed by the heartbeat check instead. Returns the ended runs' ids.
+    """
+    host = socket.gethostname()
+    running = track.running_runs(experiment_id)
+    dead: dict[str, str] = {}
+    for run in running:
+        worker_host, _, pid = run.data.tags.get("worker", "").rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            dead[run.info.run_id] = run.data.tags["worker"]
+    ended = []
+    for run in running:
+        run_id = run.info.run_id
+        owner = dead.get(run_id) or dead.get(run.data.tags.get("mlflow.parentRunId", ""))
+        if owner is None:
+            continue
+        track.fail_run(
+            run_id,
+            reason=f"its process {owner} ended without closing it (killed or crashed); "
+            f"failed by {worker_id()}",
+        )
+        ended.append(run_id)
+    if ended:
+        log.warning("ended %d run(s) left RUNNING by dead processes: %s", len(ended), ended)
+    return ended
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"

@@ -31,7 +31,7 @@ from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import epoch_pruner
-from melvae.study.recovery import requeue_when_stopped, worker_id
+from melvae.study.recovery import end_runs_of_dead_workers, requeue_when_stopped, worker_id
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -253,6 +253,7 @@ def run_study(
         )
     study = create_study(config, data.dataset_key, storage, heartbeat=heartbeat)
     tracking_uri, experiment_id = create_experiment(study.study_name, tracking_uri)
+    end_runs_of_dead_workers(experiment_id)
     tags = {"study": study.study_name, "dataset": data.dataset_key, "role": "study-run"}
     tags["worker"] = worker_id()
     if data.fallback_reason is not None:
