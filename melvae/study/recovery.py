@@ -106,7 +106,7 @@ def end_runs_of_dead_workers(experiment_id: str) -> list[str]:
     dead: dict[str, str] = {}
     for run in running:
         worker_host, _, pid = run.data.tags.get("worker", "").rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
             dead[run.info.run_id] = run.data.tags["worker"]
     ended = []
     for run in running:
@@ -125,7 +125,7 @@ def end_runs_of_dead_workers(experiment_id: str) -> list[str]:
     return ended
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process `pid` exists on this machine and is not a zombie."""
     try:
         os.kill(pid, 0)
