@@ -122,14 +122,26 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
             )
 
 
-def validate_labels(adata: ad.AnnData, label_key: str | None, *, source: str) -> str | None:
+def validate_labels(
+    adata: ad.AnnData, label_key: str | None, *, source: str, required: bool = False
+) -> str | None:
     """Return the label column to use, or None (with a warning) when there is none.
 
-    Training works without labels; only the label-based metrics are skipped.
+    Training works without labels; only the label-based metrics are skipped. A column the user
+    named (`required`, e.g. `[data] label_key` of a study file) must exist: a typo would
+    otherwise turn a labelled study into a fit-only one.
     """
     if label_key is None:
         logger.warning("%s: no label column given; label metrics will be skipped", source)
         return None
+    if required and label_key not in adata.obs:
+        raise InputError(
+            f"the label column {label_key!r} is not in the data (columns: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'})",
+            where=f"{source}, obs columns; the study file's [data] label_key",
+            fix="correct [data] label_key to one of those columns, or remove it to train "
+            "without labels",
+        )
     if label_key not in adata.obs:
         logger.warning(
             "%s has no obs column %r (columns: %s); training still works but label metrics "

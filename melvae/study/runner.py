@@ -28,6 +28,7 @@ from melvae.study.baselines import (
     score_champion,
 )
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
+from melvae.study.identity import check_identity
 from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import epoch_pruner
@@ -70,7 +71,12 @@ def prepare_data(
         source=source,
         require_nonnegative=bool(config.transforms() & {"log1p", "counts"}),
     )
-    label_key = validate_labels(adata, config.label_key or dataset.label_key, source=source)
+    label_key = validate_labels(
+        adata,
+        config.label_key or dataset.label_key,
+        source=source,
+        required=config.label_key is not None,
+    )
     # Views, not copies: each split is an index into the one matrix read from disk, and its
     # rows are only materialised where a step reads them (one split at a time).
     if label_key is not None and adata.obs[label_key].isna().any():
@@ -142,6 +148,7 @@ def _create_study(
         directions=config.directions,
         load_if_exists=True,
     )
+    check_identity(study, config, where=redact_url(str(getattr(storage, "url", "storage"))))
     if not study.metric_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
