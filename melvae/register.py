@@ -29,8 +29,8 @@ from mlflow.models import infer_signature
 from melvae.errors import InputError
 from melvae.faultpoint import stop_point
 from melvae.model import MODEL_FILE, MelVAE
-from melvae.study.storage import promotion_lock
-from melvae.track import backend_exists, resolve_tracking_uri, use_backend
+from melvae.study.storage import promotion_lock, sqlite_file_missing
+from melvae.track import resolve_tracking_uri, use_backend
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> MelVAE:
     """
     if urllib.parse.urlsplit(uri).scheme in ("", "file"):
         return _load_folder(Path(uri.removeprefix("file://")), uri)
-    if not backend_exists(tracking_uri):
+    if sqlite_file_missing(resolve_tracking_uri(tracking_uri)):
         raise InputError(
             f"there is no tracking database at {resolve_tracking_uri(tracking_uri)}, so no "
             f"model {uri!r}",

@@ -25,18 +25,6 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def backend_exists(tracking_uri: str | None = None) -> bool:
-    """False only for a local SQLite backend whose database file does not exist yet.
-
-    Commands that only read (analyze, load_model) check this first: opening a SQLite URI
-    through MLflow creates the file, and a reader must never leave a database behind.
-    """
-    uri = resolve_tracking_uri(tracking_uri)
-    if not uri.startswith("sqlite:///"):
-        return True
-    return Path(uri.removeprefix("sqlite:///")).is_file()
-
-
 def use_backend(tracking_uri: str | None = None) -> str:
     """Point MLflow tracking and registry at one backend; the project's SQLite file by default."""
     uri = resolve_tracking_uri(tracking_uri)

@@ -47,7 +47,7 @@ from melvae.preprocess import split_cells
 from melvae.register import load_model, model_name
 from melvae.study.config import DEFAULT_STUDY, load_study_config
 from melvae.study.recovery import end_runs_of_dead_workers, worker_id
-from melvae.study.storage import check_tracking_uri
+from melvae.study.storage import check_tracking_uri, sqlite_file_missing
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def analyze(
     resolved = track.resolve_tracking_uri(tracking_uri)
     check_tracking_uri(resolved)
     check_destination(out, overwrite=overwrite, protected=_tracking_folder(resolved))
-    has_backend = track.backend_exists(tracking_uri)
+    has_backend = not sqlite_file_missing(resolved)
     local_model = model_uri is not None and urllib.parse.urlsplit(model_uri).scheme in ("", "file")
     if not has_backend and not local_model:
         raise InputError(

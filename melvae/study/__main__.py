@@ -36,6 +36,7 @@ from melvae.study.storage import (
     check_storage_url,
     check_tracking_uri,
     redact_url,
+    sqlite_file_missing,
 )
 
 
@@ -199,7 +200,10 @@ def _find_study(args: argparse.Namespace, config: StudyConfig) -> optuna.Study:
     keys = [args.dataset] if args.dataset else [k for k in (config.dataset, config.fallback) if k]
     names = [config.study_name(key) for key in keys]
     check_storage_url(args.storage)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(args.storage)}
+    if sqlite_file_missing(args.storage):  # only reads: never create the database here
+        existing = set()
+    else:
+        existing = {s.study_name for s in optuna.get_all_study_summaries(args.storage)}
     for name in names:
         if name in existing:
             return optuna.load_study(study_name=name, storage=args.storage)

@@ -66,6 +66,13 @@ def check_tracking_uri(uri: str) -> None:
         )
 
 
+def sqlite_file_missing(url: str) -> bool:
+    """True for a SQLite URL whose database file does not exist (opening it would create it)."""
+    if not url.startswith("sqlite:///") or ":memory:" in url:
+        return False
+    return not Path(url.removeprefix("sqlite:///")).is_file()
+
+
 def open_storage(url: str, *, heartbeat: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
     """Optuna RDB storage with heartbeats: a dead worker's trial is failed and retried."""
     engine_kwargs = {}
