@@ -190,8 +190,8 @@ def test_another_search_space_under_the_same_name_exits_2_before_writing(study):
     default = Path(__file__).parents[1] / "studies" / "default.toml"
     other = workdir.parent / "other.toml"
     text = default.read_text()
-    assert "low = 64" in text
-    other.write_text(text.replace("low = 64", "low = 32", 1))
+    assert "high = 32" in text
+    other.write_text(text.replace("high = 32", "high = 16", 1))
     before, states = folder_hash(workdir), trial_states(study["storage"])
     done = cli(workdir, "melvae.study", "run", "--study", str(other), "--n-trials", "1", *TINY)
     refused(done, "search_space", "another `name`", str(other))
@@ -217,7 +217,7 @@ def test_two_study_files_with_one_name_at_once_one_is_refused(study):
     workdir.mkdir()
     default = Path(__file__).parents[1] / "studies" / "default.toml"
     other = workdir.parent / "twin.toml"
-    other.write_text(default.read_text().replace("low = 64", "low = 32", 1))
+    other.write_text(default.read_text().replace("high = 32", "high = 16", 1))
     env = worker_env(workdir.parent)
     processes = [
         subprocess.Popen(
