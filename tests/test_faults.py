@@ -184,17 +184,35 @@ def test_bad_values_in_reference_or_query_exit_2_naming_file_cell_and_gene(study
     assert folder_hash(workdir) == before
 
 
+def study_file(path: Path, replacements: dict[str, str]) -> Path:
+    """The default study file with `replacements` made (each must occur), written to `path`."""
+    text = (Path(__file__).parents[1] / "studies" / "default.toml").read_text()
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+OTHER_SEARCH = {"high = 32": "high = 16"}  # latent_dim searched up to 16, not 32
+IDENTITY_CHANGES = {
+    "search_space": OTHER_SEARCH,
+    "selection_rule": {"loss_tolerance = 0.02": "loss_tolerance = 0.05"},
+    "objectives": {
+        'metrics = ["val_loss", "bio_score"]': 'metrics = ["val_loss"]',
+        'rule = "bio_within_loss"': 'rule = "objective"',
+    },
+}
+
+
 @pytest.mark.slow
-def test_another_search_space_under_the_same_name_exits_2_before_writing(study):
+@pytest.mark.parametrize("changed", list(IDENTITY_CHANGES))
+def test_another_study_under_the_same_name_exits_2_before_writing(study, changed):
     workdir = study["workdir"]
-    default = Path(__file__).parents[1] / "studies" / "default.toml"
-    other = workdir.parent / "other.toml"
-    text = default.read_text()
-    assert "high = 32" in text
-    other.write_text(text.replace("high = 32", "high = 16", 1))
+    other = study_file(workdir.parent / f"other-{changed}.toml", IDENTITY_CHANGES[changed])
     before, states = folder_hash(workdir), trial_states(study["storage"])
     done = cli(workdir, "melvae.study", "run", "--study", str(other), "--n-trials", "1", *TINY)
-    refused(done, "search_space", "another `name`", str(other))
+    refused(done, changed, "another `name`", str(other))
     assert folder_hash(workdir) == before
     assert trial_states(study["storage"]) == states
 
@@ -203,9 +221,9 @@ def test_another_search_space_under_the_same_name_exits_2_before_writing(study):
 def test_a_label_key_the_data_lack_is_an_error_not_a_fit_only_study(study):
     workdir = study["workdir"].parent / "typo"
     workdir.mkdir()
-    default = Path(__file__).parents[1] / "studies" / "default.toml"
-    typo = workdir.parent / "typo.toml"
-    typo.write_text(default.read_text().replace("[data]\n", '[data]\nlabel_key = "bulk_label"\n'))
+    typo = study_file(
+        workdir.parent / "typo.toml", {"[data]\n": '[data]\nlabel_key = "bulk_label"\n'}
+    )
     done = cli(workdir, "melvae.study", "run", "--study", str(typo), "--n-trials", "1", *TINY)
     refused(done, "'bulk_label'", "label_key", "bulk_labels")
     assert list(workdir.iterdir()) == []
@@ -215,23 +233,26 @@ def test_a_label_key_the_data_lack_is_an_error_not_a_fit_only_study(study):
 def test_two_study_files_with_one_name_at_once_one_is_refused(study):
     workdir = study["workdir"].parent / "twins"
     workdir.mkdir()
-    default = Path(__file__).parents[1] / "studies" / "default.toml"
-    other = workdir.parent / "twin.toml"
-    other.write_text(default.read_text().replace("high = 32", "high = 16", 1))
+    other = study_file(workdir.parent / "twin.toml", OTHER_SEARCH)
     env = worker_env(workdir.parent)
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "melvae.study", "create", *(["--study", str(f)] if f else [])],
-            cwd=workdir,
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for f in (None, other)
-    ]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
-    assert sorted(code for code, _ in results) == [0, 2], results
-    loser = next(err for code, err in results if code == 2)
+    logs = [workdir.parent / f"twin-{i}.log" for i in range(2)]
+    processes = []
+    for file, log in zip((None, other), logs, strict=True):
+        with log.open("w") as stream:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "melvae.study", "create"]
+                    + (["--study", str(file)] if file else []),
+                    cwd=workdir,
+                    env=env,
+                    stdout=stream,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    codes = [p.wait(timeout=300) for p in processes]
+    texts = [log.read_text() for log in logs]
+    assert sorted(codes) == [0, 2], texts
+    loser = texts[codes.index(2)]
     assert "search_space" in loser and "Traceback" not in loser
 
 
