@@ -103,27 +103,62 @@ def study(tmp_path_factory):
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("out", "words"),
-    [
-        ("mine", ["holds files melvae did not write"]),
-        (".", ["current folder"]),
-        ("mlruns", ["tracking folder"]),
-        ("mlruns/analysis", ["tracking folder"]),
-        ("notes.txt", ["is a file"]),
-        ("notes.txt/analysis", ["lies below the file"]),
-    ],
-)
-def test_analyze_never_writes_over_what_melvae_did_not_write(study, out, words):
+@pytest.fixture
+def inside(study, monkeypatch):
+    """Run CLIs in this process, from the study folder, offline (the fast path for many cases;
+    each family also has a case in a real process)."""
     workdir = study["workdir"]
+    for key, value in worker_env(workdir.parent).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def analyze_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`melvae.analyze.__main__.main(ARGS)` in this process, as a finished process."""
+    from melvae.analyze.__main__ import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+OUT_CASES = [
+    ("mine", ["holds files melvae did not write"]),
+    ("mlruns", ["tracking folder"]),
+    ("mlruns/analysis", ["tracking folder"]),
+    ("notes.txt", ["is a file"]),
+    ("notes.txt/analysis", ["lies below the file"]),
+    ("..", ["one above it"]),
+]
+
+
+def _user_files(workdir: Path) -> None:
     (workdir / "mine").mkdir(exist_ok=True)
     (workdir / "mine" / "thesis.tex").write_text("years of work")
     (workdir / "notes.txt").write_text("keep me")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("out", "words"), OUT_CASES)
+def test_analyze_never_writes_over_what_melvae_did_not_write(inside, capsys, out, words):
+    _user_files(inside)
+    before = folder_hash(inside.parent)
+    refused(analyze_here(capsys, *KEGG, "--out", out, "--overwrite"), *words)
+    assert folder_hash(inside.parent) == before
+    assert not [p for p in inside.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_analyze_never_writes_over_the_study_folder_in_a_real_process(study):
+    workdir = study["workdir"]
+    _user_files(workdir)
     before = folder_hash(workdir)
-    refused(cli(workdir, "melvae.analyze", *KEGG, "--out", out, "--overwrite"), *words)
+    done = cli(workdir, "melvae.analyze", *KEGG, "--out", str(workdir), "--overwrite")
+    refused(done, "current folder")
     assert folder_hash(workdir) == before
-    assert not [p for p in workdir.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.slow
@@ -174,13 +209,24 @@ def bad_cells(study):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["nan", "inf", "negative"])
-def test_bad_values_in_reference_or_query_exit_2_naming_file_cell_and_gene(study, bad_cells, case):
+@pytest.mark.parametrize("flag", ["--reference", "--query"])
+def test_bad_values_in_reference_or_query_exit_2_naming_file_cell_and_gene(
+    inside, capsys, bad_cells, case, flag
+):
+    files, cell, gene = bad_cells
+    before = folder_hash(inside)
+    done = analyze_here(capsys, *KEGG, flag, str(files[case]), "--out", "a")
+    refused(done, files[case].name, repr(cell), repr(gene))
+    assert folder_hash(inside) == before
+
+
+@pytest.mark.slow
+def test_bad_values_in_a_real_process(study, bad_cells):
     files, cell, gene = bad_cells
     workdir = study["workdir"]
     before = folder_hash(workdir)
-    for flag in ("--reference", "--query"):
-        done = cli(workdir, "melvae.analyze", *KEGG, flag, str(files[case]), "--out", "a")
-        refused(done, files[case].name, repr(cell), repr(gene))
+    done = cli(workdir, "melvae.analyze", *KEGG, "--query", str(files["nan"]), "--out", "a")
+    refused(done, "nan.h5ad", repr(cell), repr(gene), "NaN")
     assert folder_hash(workdir) == before
 
 
