@@ -266,6 +266,12 @@ class MelVAE:
         InputError naming the file and what is wrong; nothing is ever unpickled.
         """
         directory = Path(directory)
+        if not directory.is_dir():
+            raise InputError(
+                f"cannot read a saved melvae model: {directory} is not a folder",
+                where=str(directory),
+                fix="pass a directory written by MelVAE.save",
+            )
         meta = _read_metadata(directory / MODEL_FILE)
         weights_file = directory / WEIGHTS_FILE
         state = _read_weights(weights_file)
