@@ -98,15 +98,23 @@ def end_runs_of_dead_workers(experiment_id: str) -> list[str]:
 
     Parent, analysis and other top-level runs carry the `worker` tag (host:pid); when that
     process no longer exists, the run and every run nested under it that is still RUNNING
-    (baselines, its trial) are ended. Processes on other machines cannot be checked from here:
+    (baselines) are ended, unless one of those is a trial run: the heartbeat check handles those. Processes on other machines cannot be checked from here:
     their trial runs are closed by the heartbeat check instead. Returns the ended runs' ids.
     """
     host = socket.gethostname()
     running = track.running_runs(experiment_id)
+    # A dead worker's run with a trial still running is the heartbeat check's (it fails and
+    # retries the trial, then ends both runs): left to it here.
+    in_trial = {
+        run.data.tags.get("mlflow.parentRunId")
+        for run in running
+        if "trial_number" in run.data.tags
+    }
     dead: dict[str, str] = {}
     for run in running:
         worker_host, _, pid = run.data.tags.get("worker", "").rpartition(":")
-        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
+        alive = not pid.isdigit() or process_alive(int(pid))
+        if worker_host == host and not alive and run.info.run_id not in in_trial:
             dead[run.info.run_id] = run.data.tags["worker"]
     ended = []
     for run in running:
