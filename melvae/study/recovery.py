@@ -98,8 +98,9 @@ def end_runs_of_dead_workers(experiment_id: str) -> list[str]:
 
     Parent, analysis and other top-level runs carry the `worker` tag (host:pid); when that
     process no longer exists, the run and every run nested under it that is still RUNNING
-    (baselines) are ended, unless one of those is a trial run: the heartbeat check handles those. Processes on other machines cannot be checked from here:
-    their trial runs are closed by the heartbeat check instead. Returns the ended runs' ids.
+    (baselines) are ended, unless one of those is a trial run: the heartbeat check handles
+    those, as it does for processes on other machines, which cannot be checked from here.
+    Returns the ended runs' ids.
     """
     host = socket.gethostname()
     running = track.running_runs(experiment_id)
