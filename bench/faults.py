@@ -27,6 +27,7 @@ FAMILIES = {
     "test_runs_and_staging_left_by_killed": "2 registry/runs: kill -9 mid-run/analysis",
     "test_registry_heals": "2 registry/runs: incomplete version, kill before alias",
     "test_concurrent_promotions": "2 registry/runs: concurrent promotions",
+    "test_a_champion_ranked_by_another": "3 lineage compares one metric",
     "test_another_study_under": "3 study identity",
     "test_two_study_files": "3 study identity",
     "test_a_label_key_the_data_lack": "3 study identity",

@@ -233,13 +233,15 @@ def register_and_promote(
 
 
 def _complete(client: mlflow.MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
-    """Write the tags a version lacks (the completeness marker last)."""
+    """Write the tags a version lacks (the completeness marker last); a complete version's
+    tags are never changed."""
     have = client.get_model_version(name, version).tags
+    if have.get(COMPLETE_TAG) == "true":
+        return
     for key, value in tags.items():
-        if key != COMPLETE_TAG and have.get(key) != value:
+        if key != COMPLETE_TAG and key not in have:
             client.set_model_version_tag(name, version, key, value)
-    if have.get(COMPLETE_TAG) != "true":
-        client.set_model_version_tag(name, version, COMPLETE_TAG, "true")
+    client.set_model_version_tag(name, version, COMPLETE_TAG, "true")
 
 
 def _registrable(model_uri: str, *, source_run_id: str | None) -> str:

@@ -356,6 +356,34 @@ def test_concurrent_promotions_leave_exactly_one_version_and_champion(study):
 
 
 @pytest.mark.slow
+def test_a_champion_ranked_by_another_metric_is_never_compared(study, inside):
+    from melvae.register import register_and_promote
+    from melvae.track import use_backend
+
+    use_backend(None)
+    champion = client_for(study["tracking"]).get_model_version_by_alias(MODEL, CHAMPION)
+    trials = optuna.load_study(study_name=STUDY, storage=study["storage"]).trials
+    other = next(
+        t
+        for t in trials
+        if t.state.name == "COMPLETE" and t.user_attrs["mlflow_run_id"] != champion.run_id
+    )
+    before = registry(study["tracking"])
+    outcome = register_and_promote(
+        other.user_attrs["model_uri"],
+        name=MODEL,
+        objective="val_loss",
+        objective_value=-1e9,  # would win any comparison
+        direction="minimize",
+        tags={"run_id": other.user_attrs["mlflow_run_id"]},
+    )
+    assert not outcome.promoted and "ranked by 'bio_score'" in outcome.refused
+    after = registry(study["tracking"])
+    assert after["champion"] == before["champion"]
+    assert after["versions"][after["champion"]] == before["versions"][before["champion"]]
+
+
+@pytest.mark.slow
 def test_runs_and_staging_left_by_killed_processes_are_closed_by_the_next(study):
     workdir, tracking, storage = study["workdir"], study["tracking"], study["storage"]
     killed = cli(workdir, "melvae.study", "run", "--n-trials", "1", *TINY, stop_at="baseline")
