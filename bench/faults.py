@@ -18,12 +18,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_faults.py", "tests/test_model_corruption.py", "tests/test_enrichment.py"]
-TESTS += ["tests/test_subsample.py", "tests/test_bad_input.py"]
+TESTS += ["tests/test_subsample.py", "tests/test_bad_input.py", "tests/test_analysis_output.py"]
 
 # Test function (name prefix) -> family of faults it covers.
 FAMILIES = {
     "test_analyze_never_writes_over": "1 outputs: analyze --out",
     "test_commands_that_only_read": "1 outputs: read-only commands create no DB",
+    "test_a_kill_while_swapping": "1 outputs: kill -9 mid-swap, foreign file",
+    "test_a_file_added_to_a_previous": "1 outputs: kill -9 mid-swap, foreign file",
     "test_runs_and_staging_left_by_killed": "2 registry/runs: kill -9 mid-run/analysis",
     "test_registry_heals": "2 registry/runs: incomplete version, kill before alias",
     "test_concurrent_promotions": "2 registry/runs: concurrent promotions",
