@@ -33,7 +33,7 @@ FAMILIES = {
     "test_another_study_under": "3 study identity",
     "test_two_study_files": "3 study identity",
     "test_a_label_key_the_data_lack": "3 study identity",
-    "test_bad_values_in_reference": "5 analysis edge: NaN/inf/negative cells",
+    "test_bad_values_in": "5 analysis edge: NaN/inf/negative cells",
     "test_values_far_outside": "5 analysis edge: wrong units",
     "test_analyze_rejects_a_bad_tracking_uri": "5 analysis edge: bad --tracking-uri",
     "test_every_corruption": "6 saved model folders",
