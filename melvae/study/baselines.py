@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from melvae import track
+from melvae.faultpoint import stop_point
 from melvae.preprocess import Preprocessor, align_genes
 from melvae.register import load_model
 from melvae.study.config import StudyConfig
@@ -120,6 +121,7 @@ def run_baselines(
         run_name = f"baseline-{baseline.name}"
         with track.nested_run(experiment_id, run_name=run_name, tags=tags):
             track.log_params(baseline.params)
+            stop_point("baseline")
             trained = trained_as_trial(baseline, completed, epochs_cap)
             if trained is None:
                 model = build(baseline, config, data, epochs_cap=epochs_cap, progress=progress)
