@@ -18,11 +18,14 @@ from melvae.device import DEVICES
 from melvae.errors import InputError
 from melvae.study import workers
 from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
+from melvae.study.objective import PreparedData
 from melvae.study.recovery import stop_cleanly_on_sigterm
 from melvae.study.runner import (
     CHAMPION_TEST_ATTR,
     DEFAULT_STORAGE,
+    StudyOutcome,
     best_complete_trial,
+    config_for_data,
     create_experiment,
     create_study,
     effective_config,
@@ -88,11 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_positive(int),
-        default=1,
-        help="start N worker processes here that share the study (its trials split between "
-        "them) and the cores",
+        type=_workers,
+        default="auto",
+        help="N worker processes here share the study's trials and the cores; auto (the "
+        "default): parallel single-thread trials for a small model, threads for a large one "
+        "(printed)",
     )
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     run.add_argument(
         "--heartbeat",
         type=_positive(int),
@@ -129,32 +134,84 @@ def _positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
+def _workers(text: str) -> int | str:
+    """An argparse type: "auto" or a number of workers > 0."""
+    return text if text == "auto" else _positive(int)(text)
+
+
 def _run(args: argparse.Namespace) -> int:
     stop_cleanly_on_sigterm()
     config = load_study_config(args.study)
-    if args.workers > 1:
-        check_storage_url(args.storage)
-        check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
-        n_trials = args.n_trials or config.n_trials
-        return workers.run_workers(args.argv, workers=args.workers, n_trials=n_trials)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
     if args.device is not None:
         train = dataclasses.replace(config.train, device=args.device)
         config = dataclasses.replace(config, train=train)
-    outcome = run_study(
-        config,
-        storage=args.storage,
-        tracking_uri=args.tracking_uri,
-        n_trials=args.n_trials,
-        timeout=args.timeout,
-        epochs_cap=args.epochs,
-        data_path=args.data,
-        progress=not args.quiet,
-        heartbeat=args.heartbeat,
+    study_options = {
+        "storage": args.storage,
+        "tracking_uri": args.tracking_uri,
+        "timeout": args.timeout,
+        "epochs_cap": args.epochs,
+        "data_path": args.data,
+        "progress": not args.quiet,
+        "heartbeat": args.heartbeat,
+    }
+    if args.worker_index is not None:  # one of the processes `run --workers N` starts
+        _set_threads(args.threads)
+        run_study(config, **study_options, worker_index=args.worker_index, summarise=False)
+        return 0
+    check_storage_url(args.storage)
+    check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
+    data = prepare_data(config, data_path=args.data)
+    n_trials = args.n_trials or config.n_trials or workers.UNTIL_TIMEOUT
+    plan = _plan(args, config, data, n_trials)
+    print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
+    if plan.workers == 1:
+        _set_threads(plan.threads)
+        outcome = run_study(config, **study_options, n_trials=args.n_trials, data=data)
+        return _summary(outcome, config)
+    study_config = config_for_data(config, data, announce=False)
+    study = create_study(study_config, data.dataset_key, args.storage, heartbeat=args.heartbeat)
+    first = workers.claim_workers(study, args.storage, plan.workers)
+    workers.pledge(study, args.storage, n_trials)
+    code = workers.run_workers(
+        args.argv, workers=plan.workers, threads=plan.threads, first_index=first
     )
+    if code in (130, 143):  # stopped: the workers queued their trials again for the next run
+        workers.withdraw(study, args.storage, n_trials)
+        return code
+    if code != 0:
+        print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
+    _set_threads(workers.cores())
+    # The summary (champion's test scores, baselines, registration) once, here; no trial is left.
+    outcome = run_study(config, **study_options, n_trials=0, worker_index=first, data=data)
+    summary = _summary(outcome, config)
+    return summary if code < 0 else summary or code
+
+
+def _plan(
+    args: argparse.Namespace, config: StudyConfig, data: PreparedData, n_trials: int
+) -> workers.Plan:
+    """`--workers auto` (`workers.choose` for this study's largest model) or `--workers N`."""
+    cores = workers.cores()
+    if args.workers == "auto":
+        weights = workers.gene_weights(config, len(data.preprocessor.genes))
+        plan = workers.choose(cores, n_trials, weights)
+    else:
+        count = min(args.workers, n_trials)
+        plan = workers.Plan(count, max(1, cores // count), "--workers")
+    if args.threads is not None:
+        plan = dataclasses.replace(plan, threads=args.threads, reason=f"{plan.reason}; --threads")
+    return plan
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+
+def _summary(outcome: StudyOutcome, config: StudyConfig) -> int:
+    """Print what the run left: the trials, the champion and its margins, the registry verdict."""
     print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
     print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
     config = effective_config(outcome.study, config)
