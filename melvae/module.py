@@ -21,7 +21,7 @@ from torch import nn
 
 from melvae.errors import InputError
 from melvae.layers import WideLinear
-from melvae.losses import bernoulli_nll
+from melvae.losses import bernoulli_nll, sample_and_kl
 
 Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
@@ -139,9 +139,9 @@ class VAEModule(nn.Module):
         """
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        z = mu + eps * torch.exp(0.5 * logvar)
+        z, kl = sample_and_kl(mu, logvar, eps)
         recon = self._reconstruction_nll(x, self.decoder(z)).mean()
-        kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1).mean()
+        kl = kl.mean()
         return LossParts(recon + kl_weight * kl, recon, kl)
 
     def _reconstruction_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
