@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from melvae import params
 from melvae.data.loader import batches
 from melvae.errors import InputError
 from melvae.module import Likelihood, VAEModule
@@ -92,22 +93,49 @@ class MelVAE:
         /,
         *,
         preprocess: PreprocessConfig | Preprocessor | None = None,
-        hidden_dim: int = 256,
-        latent_dim: int = 10,
         likelihood: Likelihood = "bernoulli",
-        n_layers: int = 1,
-        dropout: float = 0.0,
-        norm: str = "none",
         train: TrainConfig | None = None,
         label_key: str | None = None,
         on_epoch: EpochCallback | None = None,
         progress: bool = True,
+        **architecture: Any,
     ) -> MelVAE:
         """Fit the preprocessor on the training cells only (unless one is given), then train.
 
-        The two AnnData are positional-only so that `train=` can name the TrainConfig.
-        `val_cells` drive early stopping and the reported validation loss; they never influence
-        the preprocessing. `on_epoch(epoch, metrics)` is called after every epoch.
+                Parameters
+                ----------
+                train_cells, val_cells
+                    Cells x genes (positional-only, so that `train=` can name the TrainConfig).
+                    `val_cells` drive early stopping and the reported validation loss; they never
+                    influence the preprocessing.
+                preprocess
+                    A PreprocessConfig to fit on `train_cells`, or an already fitted Preprocessor.
+                likelihood
+                    The decoder's likelihood: "bernoulli" (min-max data), "gaussian" or
+                    "negative_binomial" (raw counts).
+                train
+                    Optimisation settings (epochs, batch size, learning rate, KL weight and warm-up,
+                    early stopping, seed, device); default `TrainConfig()`.
+                label_key
+                    An obs column of cell-type labels kept with the model (None: none).
+                on_epoch
+                    Called as `on_epoch(epoch, metrics)` after every epoch.
+                progress
+                    Show a progress bar.
+                **architecture
+                    The module's hyperparameters, declared in `melvae.params`; each is listed below.
+        {architecture}
+
+                Returns
+                -------
+                MelVAE
+                    The trained model, with its `history`.
+
+                Examples
+                --------
+                >>> model = MelVAE.fit(train, val, hidden_dim=64, latent_dim=5)  # doctest: +SKIP
+                >>> model.encode(test).shape  # doctest: +SKIP
+                (120, 5)
         """
         preprocess = PreprocessConfig() if preprocess is None else preprocess
         training = TrainConfig() if train is None else train
@@ -119,12 +147,8 @@ class MelVAE:
         _check_compatible(likelihood, preprocessor.transform)
         hyperparameters = {
             "n_genes": len(preprocessor.genes),
-            "hidden_dim": hidden_dim,
-            "latent_dim": latent_dim,
+            **params.module_values(architecture, where="MelVAE.fit"),
             "likelihood": likelihood,
-            "n_layers": n_layers,
-            "dropout": dropout,
-            "norm": norm,
             "training": asdict(training),
             "preprocess": preprocess_config,
         }
@@ -292,17 +316,16 @@ class MelVAE:
 
 def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
     """Build the module with weights initialised from `seed`, leaving the global RNG untouched."""
+    # A model saved before a module parameter existed gets its default (the original layer).
+    architecture = params.module_values(params.select(hyperparameters, "module"), where=MODEL_FILE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return VAEModule(
             hyperparameters["n_genes"],
-            hyperparameters["hidden_dim"],
-            hyperparameters["latent_dim"],
+            architecture.pop("hidden_dim"),
+            architecture.pop("latent_dim"),
             hyperparameters["likelihood"],
-            # Models saved before depth was searchable have one plain hidden layer.
-            n_layers=hyperparameters.get("n_layers", 1),
-            dropout=hyperparameters.get("dropout", 0.0),
-            norm=hyperparameters.get("norm", "none"),
+            **architecture,
         )
 
 
@@ -343,3 +366,8 @@ def _replace_dir(src: Path, dest: Path) -> None:
         os.replace(old, dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+MelVAE.fit.__func__.__doc__ = MelVAE.fit.__doc__.replace(
+    "{architecture}", params.numpydoc("module", indent=" " * 8)
+)

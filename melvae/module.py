@@ -2,9 +2,9 @@
 
 encoder: Linear(n_genes -> hidden) + ReLU -> (mu, logvar) via two Linear(hidden -> latent);
 decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes). `n_layers` hidden layers
-(each optionally followed by a batch/layer norm before the ReLU and by dropout after it) deepen
-both sides; the defaults (1 layer, no norm, no dropout) are the original module, parameter for
-parameter. The decoder output is read as
+(each optionally followed by a batch/layer norm before the activation and by dropout after it)
+deepen both sides; the activation may be ReLU, GELU or ELU; the defaults (1 layer, no norm, no
+dropout, ReLU) are the original module, parameter for parameter. The decoder output is read as
 - "bernoulli": logits of a Bernoulli per gene, loss = BCE (the original, for [0, 1] min-max data);
 - "gaussian": the mean of a unit-variance Gaussian, loss = 0.5 * squared error (its NLL without the
   constant);
@@ -14,18 +14,18 @@ parameter. The decoder output is read as
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from melvae import params
 from melvae.errors import InputError
 from melvae.layers import WideLinear
 from melvae.losses import bernoulli_nll, sample_and_kl
 
 Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
-NORMS: tuple[str, ...] = ("none", "batch", "layer")
 
 
 class LossParts(NamedTuple):
@@ -36,6 +36,9 @@ class LossParts(NamedTuple):
     kl: torch.Tensor
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
+
+
 def hidden_stack(
     in_dim: int,
     hidden_dim: int,
@@ -43,10 +46,11 @@ def hidden_stack(
     *,
     norm: str,
     dropout: float,
+    activation: str,
     first: type[nn.Linear] = nn.Linear,
 ) -> list[nn.Module]:
-    """`n_layers` blocks of Linear -> (norm) -> ReLU -> (dropout), the first (a `first`) reading
-    `in_dim`."""
+    """`n_layers` blocks of Linear -> (norm) -> activation -> (dropout), the first (a `first`)
+    reading `in_dim`."""
     layers: list[nn.Module] = []
     for i in range(n_layers):
         layers.append(first(in_dim, hidden_dim) if i == 0 else nn.Linear(hidden_dim, hidden_dim))
@@ -54,7 +58,7 @@ def hidden_stack(
             layers.append(nn.BatchNorm1d(hidden_dim))
         elif norm == "layer":
             layers.append(nn.LayerNorm(hidden_dim))
-        layers.append(nn.ReLU())
+        layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return layers
@@ -69,11 +73,10 @@ class VAEModule(nn.Module):
         hidden_dim: int,
         latent_dim: int,
         likelihood: Likelihood = "bernoulli",
-        *,
-        n_layers: int = 1,
-        dropout: float = 0.0,
-        norm: str = "none",
+        **architecture: Any,
     ) -> None:
+        """Build the module; `architecture` takes the other module parameters of
+        `melvae.params` (n_layers, dropout, norm, ...), each defaulting to the original."""
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise InputError(
@@ -81,21 +84,18 @@ class VAEModule(nn.Module):
                 where="VAEModule",
                 fix=f"use one of {', '.join(LIKELIHOODS)}",
             )
-        if min(n_genes, hidden_dim, latent_dim) < 1:
+        if n_genes < 1:
             raise InputError(
-                f"layer sizes must be positive (n_genes={n_genes}, hidden_dim={hidden_dim}, "
-                f"latent_dim={latent_dim})",
+                f"n_genes = {n_genes}: a module needs at least one gene",
                 where="VAEModule",
-                fix="give positive sizes",
+                fix="give data with at least one gene",
             )
-        if n_layers < 1 or not 0 <= dropout < 1 or norm not in NORMS:
-            raise InputError(
-                f"bad architecture (n_layers={n_layers}, dropout={dropout}, norm={norm!r})",
-                where="VAEModule",
-                fix=f"n_layers >= 1, 0 <= dropout < 1, norm one of {', '.join(NORMS)}",
-            )
+        block = params.module_values(
+            {"hidden_dim": hidden_dim, "latent_dim": latent_dim, **architecture}, where="VAEModule"
+        )
         self.likelihood = likelihood
-        block = {"n_layers": n_layers, "norm": norm, "dropout": dropout}
+        block.pop("latent_dim")
+        hidden_dim = block.pop("hidden_dim")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)

@@ -32,6 +32,7 @@ from melvae.data.loader import batches
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
 from melvae.module import VAEModule
+from melvae.params import PARAMS, names
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +55,22 @@ class TrainConfig:
     """Optimisation settings. `kl_warmup_epochs` > 0 ramps the KL weight linearly from
     kl_weight / kl_warmup_epochs to kl_weight; early stopping waits for the warm-up to end."""
 
-    epochs: int = 100
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    kl_weight: float = 1.0
-    kl_warmup_epochs: int = 0
+    # The searchable settings: type, default and range declared once in melvae.params.
+    epochs: int = PARAMS["epochs"].default
+    batch_size: int = PARAMS["batch_size"].default
+    learning_rate: float = PARAMS["learning_rate"].default
+    kl_weight: float = PARAMS["kl_weight"].default
+    kl_warmup_epochs: int = PARAMS["kl_warmup_epochs"].default
     early_stopping_patience: int | None = 10
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in names("train"):
+            PARAMS[name].check(getattr(self, name), where=f"TrainConfig {name}")
         problems = [
             f"{name}={getattr(self, name)}"
             for name, ok in [
-                ("epochs", self.epochs >= 1),
-                ("batch_size", self.batch_size >= 1),
-                ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate)),
-                ("kl_weight", self.kl_weight >= 0 and math.isfinite(self.kl_weight)),
-                ("kl_warmup_epochs", self.kl_warmup_epochs >= 0),
                 (
                     "early_stopping_patience",
                     self.early_stopping_patience is None or self.early_stopping_patience >= 1,
@@ -84,8 +83,7 @@ class TrainConfig:
             raise InputError(
                 f"invalid training settings: {', '.join(problems)}",
                 where="TrainConfig",
-                fix="epochs, batch_size and patience must be >= 1 (patience may be None), "
-                "learning_rate > 0, kl_weight and kl_warmup_epochs >= 0, "
+                fix="early_stopping_patience must be >= 1 or None, "
                 f"device one of {', '.join(DEVICES)}",
             )
 

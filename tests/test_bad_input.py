@@ -124,3 +124,30 @@ def test_duplicate_cell_names_are_an_error(tmp_path, monkeypatch, capsys):
     code = main(["run", "--data", str(cells), *QUICK])
     err = capsys.readouterr().err
     _assert_clean_failure(code, err, tmp_path, "cell name(s) occur more than once", "'cell0'")
+
+
+def _tiny_data(tmp_path: Path, n_cells: int, n_genes: int) -> Path:
+    rows = [
+        f"cell{i}," + ",".join(str((i * 7 + g * 3) % 5) for g in range(n_genes)) + f",{'TB'[i % 2]}"
+        for i in range(n_cells)
+    ]
+    header = "," + ",".join(f"GENE_{g}" for g in range(n_genes)) + ",label"
+    path = tmp_path / "cells.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_fewer_genes_than_the_latent_size_is_exit_2_with_the_numbers(tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch, tmp_path)
+    code = main(["run", "--data", str(_tiny_data(tmp_path, 40, 3)), *QUICK])
+    err = capsys.readouterr().err
+    # The default study searches latent sizes up to 32.
+    _assert_clean_failure(code, err, tmp_path, "keep 3 genes", "largest latent size 32")
+
+
+def test_fewer_cells_than_a_batch_warns_with_the_numbers(tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch, tmp_path)
+    code = main(["create", "--data", str(_tiny_data(tmp_path, 40, 40))])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "the training split has 28 cells, fewer than the largest batch_size 128" in err

@@ -144,3 +144,57 @@ def test_objective_and_selection_mistakes_are_named(tmp_path, old, new, message)
     with pytest.raises(InputError) as error:
         load_study_config(path)
     assert message in str(error.value)
+
+
+# Every value is checked when the file is read (melvae.params declares types and ranges): a
+# wrong one never reaches a trial. (old text, new text, the key the error must name)
+LOAD_TIME_MISTAKES = {
+    "float batch size": ("batch_size = 32\nepochs", "batch_size = 32.5\nepochs", "batch_size"),
+    "fixed dropout 1": ("[model]\n", "[model]\ndropout = 1.0\n", "[model] dropout"),
+    "fixed hidden 0": ("[model]\n", "[model]\nhidden_dim = 0\n", "[model] hidden_dim"),
+    "fixed norm": ("[model]\n", '[model]\nnorm = "group"\n', "[model] norm"),
+    "negative warm-up": ("kl_warmup_epochs = 0\nearly", "kl_warmup_epochs = -1\nearly", "warmup"),
+    "fractional seed": ("early_stopping_patience = 15\nseed = 0", "seed = 0.5", "seed"),
+    "searched dropout 1.5": ("choices = [0.0, 0.1, 0.2]", "choices = [0.0, 1.5]", "dropout"),
+    "fractional size choice": ("choices = [64, 128,", "choices = [64.5, 128,", "hidden_dim"),
+    "fractional int range": ("low = 2\nhigh = 32", "low = 2.5\nhigh = 32", "latent_dim"),
+    "float range of an int": (
+        '"int"\nlow = 2\nhigh = 32',
+        '"float"\nlow = 2\nhigh = 32',
+        "latent_dim",
+    ),
+    "string size": ("choices = [32, 64, 128]", 'choices = ["32", 64]', "batch_size"),
+    "unknown norm choice": ('choices = ["none", "layer"]', 'choices = ["none", "x"]', "norm"),
+    "negative warm-up steps": ("n_warmup_steps = 20", "n_warmup_steps = -1", "n_warmup_steps"),
+    "fractional startup": ("n_startup_trials = 5", "n_startup_trials = 2.5", "n_startup_trials"),
+    "fractional seed trial": ("latent_dim = 10\nlearning", "latent_dim = 10.0\nlearning", "latent"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_TIME_MISTAKES)
+def test_every_value_is_checked_at_load_time_with_its_key(tmp_path, case):
+    old, new, key = LOAD_TIME_MISTAKES[case]
+    text = DEFAULT_STUDY.read_text()
+    assert old in text
+    path = tmp_path / "study.toml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(InputError) as error:
+        load_study_config(path)
+    assert "TOML" not in error.value.what
+    assert key in error.value.where
+    assert str(path) in error.value.where
+
+
+def test_the_activation_is_searchable_and_defaults_to_the_original_relu(tmp_path):
+    assert load_study_config(DEFAULT_STUDY).fixed_params()["activation"] == "relu"
+    search = '[search.activation]\ntype = "categorical"\nchoices = ["relu", "gelu", "elu"]\n'
+    seeds = (
+        'norm = "none"\nkl_warmup_epochs = 0',
+        'norm = "none"\nkl_warmup_epochs = 0\nactivation = "relu"',
+    )
+    path = tmp_path / "study.toml"
+    path.write_text(DEFAULT_STUDY.read_text().replace(*seeds) + search)
+    assert ("relu", "gelu", "elu") in [p.choices for p in load_study_config(path).search]
+    path.write_text(path.read_text().replace('"elu"]', '"tanh"]'))
+    with pytest.raises(InputError, match="activation = 'tanh' is not valid"):
+        load_study_config(path)

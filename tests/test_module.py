@@ -116,5 +116,33 @@ def test_deeper_modules_with_norm_and_dropout_train_and_encode_deterministically
     module.loss(x).total.backward()
     module.eval()  # dropout off, batch norm on running statistics: encoding is repeatable
     assert torch.equal(module.encode(x)[0], module.encode(x)[0])
-    with pytest.raises(InputError, match="bad architecture"):
+    with pytest.raises(InputError, match="n_layers = 0 is not valid"):
         VAEModule(n_genes=10, hidden_dim=8, latent_dim=3, n_layers=0)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("gelu", torch.nn.GELU), ("elu", torch.nn.ELU)])
+def test_the_hidden_activation_is_a_parameter_kept_by_save_and_load(tmp_path, name, kind):
+    import anndata as ad
+    import numpy as np
+
+    from melvae.model import MelVAE
+    from melvae.preprocess import PreprocessConfig
+    from melvae.train import TrainConfig
+
+    module = VAEModule(n_genes=6, hidden_dim=4, latent_dim=2, n_layers=2, activation=name)
+    assert sum(isinstance(m, kind) for m in module.modules()) == 4
+    assert not any(isinstance(m, torch.nn.ReLU) for m in module.modules())
+    cells = ad.AnnData(np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    model = MelVAE.fit(
+        cells[:30],
+        cells[30:],
+        preprocess=PreprocessConfig(n_top_genes=None),
+        activation=name,
+        train=TrainConfig(epochs=1),
+        progress=False,
+    )
+    loaded = MelVAE.load(model.save(tmp_path / "model"))
+    assert loaded.hyperparameters["activation"] == name
+    assert np.array_equal(loaded.encode(cells), model.encode(cells))
+    with pytest.raises(InputError, match="activation = 'tanh' is not valid"):
+        VAEModule(n_genes=6, hidden_dim=4, latent_dim=2, activation="tanh")

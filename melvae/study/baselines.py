@@ -123,7 +123,7 @@ def run_baselines(
 ) -> dict[str, dict[str, float]]:
     """Fit (or reload from `completed` trials), score and log every baseline as a nested run
     tagged `baseline`; name -> metrics."""
-    latent_dim = int(champion.params.get("latent_dim", config.latent_dim))
+    latent_dim = int(champion.params.get("latent_dim", config.architecture["latent_dim"]))
     results = {}
     tags = {"baseline": "true", "dataset": data.dataset_key}
     for baseline in baselines_for(config, latent_dim):

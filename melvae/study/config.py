@@ -7,28 +7,19 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from melvae import params
 from melvae.errors import InputError
 from melvae.model import COMPATIBLE_TRANSFORMS
-from melvae.module import NORMS
+from melvae.params import PARAMS
 from melvae.preprocess import PreprocessConfig
 from melvae.study.selection import RULES, SelectionRule
 from melvae.train import TrainConfig
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "studies" / "default.toml"
 LIKELIHOODS = ("bernoulli", "gaussian", "negative_binomial")
-TRIAL_KEYS = (
-    "hidden_dim",
-    "latent_dim",
-    "learning_rate",
-    "epochs",
-    "batch_size",
-    "kl_weight",
-    "kl_warmup_epochs",
-    "n_layers",
-    "dropout",
-    "norm",
-    "transform_likelihood",
-)
+TRIAL_KEYS = tuple(PARAMS)
+# Pruner options that count trials or epochs: whole numbers >= this.
+PRUNER_COUNTS = {"n_startup_trials": 0, "n_warmup_steps": 0, "interval_steps": 1, "n_min_trials": 1}
 OBJECTIVE_METRICS = {
     "val_loss": "minimize",
     "bio_score": "maximize",
@@ -71,8 +62,8 @@ class StudyConfig:
     label_key: str | None
     preprocess: PreprocessConfig
     likelihood: str
-    hidden_dim: int
-    latent_dim: int
+    # The module's parameters (melvae.params, consumer "module"), defaults filled in.
+    architecture: dict[str, Any]
     train: TrainConfig
     search: tuple[SearchParam, ...]
     seed_trials: tuple[dict[str, Any], ...]
@@ -82,9 +73,6 @@ class StudyConfig:
     timeout: float | None = None
     objectives: tuple[str, ...] = ("val_loss",)
     selection: SelectionRule = field(default_factory=SelectionRule)
-    n_layers: int = 1
-    dropout: float = 0.0
-    norm: str = "none"
 
     @property
     def objective(self) -> str:
@@ -121,18 +109,18 @@ class StudyConfig:
     def fixed_params(self) -> dict[str, Any]:
         """Trial parameters used where the search space does not vary them."""
         return {
-            "hidden_dim": self.hidden_dim,
-            "latent_dim": self.latent_dim,
-            "learning_rate": self.train.learning_rate,
-            "epochs": self.train.epochs,
-            "batch_size": self.train.batch_size,
-            "kl_weight": self.train.kl_weight,
-            "kl_warmup_epochs": self.train.kl_warmup_epochs,
-            "n_layers": self.n_layers,
-            "dropout": self.dropout,
-            "norm": self.norm,
+            **self.architecture,
+            **{name: getattr(self.train, name) for name in params.names("train")},
             "transform_likelihood": f"{self.preprocess.transform}/{self.likelihood}",
         }
+
+    def largest(self, name: str) -> Any:
+        """The largest value a trial of this study may give the numeric parameter `name`."""
+        values = [self.fixed_params()[name]]
+        for param in self.search:
+            if param.name == name:
+                values = list(param.choices) if param.kind == "categorical" else [param.high]
+        return max(values)
 
     def study_name(self, dataset_key: str) -> str:
         """Study (and MLflow experiment) name: carries the dataset so results never mix."""
@@ -168,11 +156,10 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
         label_key=data.get("label_key", str, None),
         preprocess=_dataclass_from(PreprocessConfig, reader.section("preprocess")),
         likelihood=model.get("likelihood", str, "bernoulli"),
-        hidden_dim=model.get("hidden_dim", int, 128),
-        latent_dim=model.get("latent_dim", int, 10),
-        n_layers=model.get("n_layers", int, 1),
-        dropout=model.get("dropout", (int, float), 0.0),
-        norm=model.get("norm", str, "none"),
+        architecture=params.module_values(
+            {name: model.get(name, object) for name in params.names("module") if name in model},
+            where=model.where,
+        ),
         train=_dataclass_from(TrainConfig, reader.section("train")),
         search=tuple(_search_param(name, spec, reader) for name, spec in reader.table("search")),
         seed_trials=tuple(reader.list_of_tables("seed_trials")),
@@ -194,22 +181,8 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
     return config
 
 
-# The smallest value each trial parameter may take, and whether that value itself is allowed.
-_LOWER_BOUNDS = {
-    "hidden_dim": (1, True),
-    "latent_dim": (1, True),
-    "epochs": (1, True),
-    "batch_size": (1, True),
-    "learning_rate": (0, False),
-    "kl_weight": (0, True),
-    "kl_warmup_epochs": (0, True),
-    "n_layers": (1, True),
-    "dropout": (0, True),
-}
-
-
 def _check_budget_and_ranges(config: StudyConfig) -> None:
-    """Budgets > 0, search ranges ordered and every size/rate in range, each with its key named."""
+    """Budgets > 0 and pruner counts whole numbers in range, each with its key named."""
     where = str(config.path)
     for key, value in (("n_trials", config.n_trials), ("timeout", config.timeout)):
         if value is not None and value <= 0:
@@ -218,46 +191,14 @@ def _check_budget_and_ranges(config: StudyConfig) -> None:
                 where=f"{where} [budget] {key}",
                 fix=f"give a positive {key}, or remove it for the default",
             )
-    for key in ("hidden_dim", "latent_dim", "n_layers", "dropout"):
-        _check_lower_bound(key, getattr(config, key), f"{where} [model] {key}")
-    for param in config.search:
-        place = f"{where} [search.{param.name}]"
-        if param.kind == "categorical":
-            if not param.choices:
-                raise InputError("choices is empty", where=place, fix="list at least one value")
-            for choice in param.choices:
-                _check_lower_bound(param.name, choice, place)
-            continue
-        if param.low > param.high:
+    for key, low in PRUNER_COUNTS.items():
+        value = config.pruner.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(
-                f"low = {param.low} is above high = {param.high}",
-                where=place,
-                fix="swap them, or set low <= high",
+                f"{key} = {value!r} is not valid: it must be a whole number >= {low}",
+                where=f"{where} [pruner] {key}",
+                fix=f"give {key} an integer >= {low}",
             )
-        if param.log and param.low <= 0:
-            raise InputError(
-                f"a log-scale range needs low > 0, got {param.low}",
-                where=place,
-                fix="raise low above 0, or set log = false",
-            )
-        _check_lower_bound(param.name, param.low, place)
-
-
-def _check_lower_bound(key: str, value: Any, where: str) -> None:
-    if key not in _LOWER_BOUNDS:
-        return
-    bound, inclusive = _LOWER_BOUNDS[key]
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InputError(
-            f"{key} must be a number, got {value!r}", where=where, fix=f"give {key} a number"
-        )
-    if value < bound or (value == bound and not inclusive):
-        relation = ">=" if inclusive else ">"
-        raise InputError(
-            f"{key} = {value} is out of range: it must be {relation} {bound}",
-            where=where,
-            fix=f"use values of {key} {relation} {bound}",
-        )
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -322,11 +263,6 @@ def _check_architecture(config: StudyConfig) -> None:
                 where=f"{where} [search.transform_likelihood] or [preprocess]/[model]",
                 fix=f"use one of {', '.join(valid)}",
             )
-    norms = [config.norm] + [c for p in config.search if p.name == "norm" for c in p.choices]
-    if any(norm not in NORMS for norm in norms):
-        raise InputError(
-            f"unknown norm in {norms!r}", where=where, fix=f"use one of {', '.join(NORMS)}"
-        )
 
 
 def _check_consistency(config: StudyConfig) -> None:
@@ -352,6 +288,8 @@ def _check_consistency(config: StudyConfig) -> None:
     for index, trial in enumerate(config.seed_trials):
         place = f"{where} [[seed_trials]] #{index + 1}"
         for key, value in trial.items():
+            if key in PARAMS:
+                PARAMS[key].check(value, where=f"{place} {key}")
             if key in searched:
                 if not searched[key].contains(value):
                     raise InputError(
@@ -383,32 +321,71 @@ def _check_consistency(config: StudyConfig) -> None:
 
 
 def _search_param(name: str, spec: Any, reader: _Section) -> SearchParam:
+    """One `[search.<name>]` table, every value checked against the parameter's declaration."""
     where = f"{reader.where} [search.{name}]"
-    if name not in TRIAL_KEYS:
+    if name not in PARAMS:
         raise InputError(
             f"cannot search {name!r}", where=where, fix=f"search only {', '.join(TRIAL_KEYS)}"
         )
+    declared = PARAMS[name]
     section = _Section(spec, where)
     kind = section.get("type", str)
     if kind == "categorical":
         param = SearchParam(name, "categorical", choices=tuple(section.get("choices", list)))
+        if not param.choices:
+            raise InputError("choices is empty", where=where, fix="list at least one value")
+        bounds = param.choices
     elif kind in ("int", "float"):
+        if kind != declared.kind.__name__:
+            raise InputError(
+                f"{name} takes {declared.kind.__name__} values, so it cannot be a {kind} range",
+                where=where,
+                fix='use type = "categorical" with choices'
+                + ("" if declared.kind is str else f' or type = "{declared.kind.__name__}"'),
+            )
+        number = int if kind == "int" else (int, float)
         param = SearchParam(
             name,
             kind,
-            low=section.get("low", (int, float)),
-            high=section.get("high", (int, float)),
+            low=section.get("low", number),
+            high=section.get("high", number),
             log=section.get("log", bool, False),
         )
+        if param.low > param.high:
+            raise InputError(
+                f"low = {param.low} is above high = {param.high}",
+                where=where,
+                fix="swap them, or set low <= high",
+            )
+        if param.log and param.low <= 0:
+            raise InputError(
+                f"a log-scale range needs low > 0, got {param.low}",
+                where=where,
+                fix="raise low above 0, or set log = false",
+            )
+        bounds = (param.low, param.high)
     else:
         raise InputError(
             f"unknown search type {kind!r}", where=where, fix="use categorical, int or float"
         )
     section.reject_unknown()
+    for value in bounds:
+        declared.check(value, where=where)
     return param
 
 
+# A dataclass field's annotation -> the TOML types its value may have.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "int | None": int,
+    "float": (int, float),
+    "bool": bool,
+    "str": str,
+}
+
+
 def _dataclass_from(cls: type, section: _Section) -> Any:
+    """`cls(**section)`, each value type-checked first and declared parameters range-checked."""
     names = {f.name for f in fields(cls)}
     unknown = set(section.values) - names
     if unknown:
@@ -417,6 +394,21 @@ def _dataclass_from(cls: type, section: _Section) -> Any:
             where=section.where,
             fix=f"use only {', '.join(sorted(names))}",
         )
+    for f in fields(cls):
+        if f.name not in section.values:
+            continue
+        value = section.values[f.name]
+        if f.name in PARAMS:
+            PARAMS[f.name].check(value, where=f"{section.where} {f.name}")
+        kind = _FIELD_TYPES.get(str(f.type))
+        if kind is not None and (
+            not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
+        ):
+            raise InputError(
+                f"{f.name} = {value!r} has the wrong type ({type(value).__name__})",
+                where=f"{section.where} {f.name}",
+                fix=f"give {f.name} a value of type {f.type}",
+            )
     try:
         return cls(**section.values)
     except (TypeError, ValueError) as exc:
@@ -452,6 +444,9 @@ class _Section:
                 fix=f"give {key} a value of type {kind}",
             )
         return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
 
     def section(self, key: str) -> _Section:
         return _Section(self.get(key, dict, {}), f"{self.where} [{key}]")

@@ -14,6 +14,7 @@ from melvae import track
 from melvae.device import resolve_device
 from melvae.evaluate import bio_conservation, evaluate_latent
 from melvae.model import MelVAE
+from melvae.params import select
 from melvae.plot import loss_curves, tsne_embedding
 from melvae.preprocess import Preprocessor
 from melvae.register import log_trial_model
@@ -137,34 +138,23 @@ def bio_metrics(model: Embedding, data: PreparedData) -> dict[str, float]:
 def fit_with_params(
     config: StudyConfig,
     data: PreparedData,
-    params: dict[str, Any],
+    values: dict[str, Any],
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
 ) -> MelVAE:
     """Train one model with a trial's parameters (searched and fixed) on the study's split."""
-    train_config = dataclasses.replace(
-        config.train,
-        epochs=params["epochs"],
-        batch_size=params["batch_size"],
-        learning_rate=params["learning_rate"],
-        kl_weight=params["kl_weight"],
-        kl_warmup_epochs=params["kl_warmup_epochs"],
-    )
-    transform, likelihood = split_pair(params["transform_likelihood"])
+    train_config = dataclasses.replace(config.train, **select(values, "train"))
+    transform, likelihood = split_pair(values["transform_likelihood"])
     return MelVAE.fit(
         data.train,
         data.val,
         preprocess=data.preprocessor_for(transform),
-        hidden_dim=params["hidden_dim"],
-        latent_dim=params["latent_dim"],
         likelihood=likelihood,
-        n_layers=params["n_layers"],
-        dropout=params["dropout"],
-        norm=params["norm"],
         train=train_config,
         label_key=data.label_key,
         on_epoch=on_epoch,
         progress=progress,
+        **select(values, "module"),
     )
 
 

@@ -54,7 +54,8 @@ CHAMPION_TEST_ATTR = "champion_test_metrics"
 def prepare_data(
     config: StudyConfig, *, data_path: Path | None = None, base_url: str | None = None
 ) -> PreparedData:
-    """read → validate → split → fit preprocessing on the training split only."""
+    """read → validate → split → fit preprocessing on the training split only; data too small
+    for the study's models are refused (`check_data_fits`)."""
     fallback_reason = None
     if data_path is not None:
         dataset = load_dataset(str(data_path))
@@ -86,7 +87,7 @@ def prepare_data(
     )
     train = adata[splits["train"]]
     others = config.transforms() - {p.transform}
-    return PreparedData(
+    data = PreparedData(
         dataset_key=dataset.key,
         description=dataset.description,
         fallback_reason=fallback_reason,
@@ -102,6 +103,28 @@ def prepare_data(
             for t in others
         },
     )
+    check_data_fits(config, data)
+    return data
+
+
+def check_data_fits(config: StudyConfig, data: PreparedData) -> None:
+    """Refuse data with fewer genes than the largest latent size; warn loudly, with the numbers,
+    when the training split is smaller than the largest batch (every epoch is then one batch)."""
+    n_genes, latent = len(data.preprocessor.genes), config.largest("latent_dim")
+    if n_genes < latent:
+        raise InputError(
+            f"the data keep {n_genes} genes after preprocessing, fewer than the largest latent "
+            f"size {latent}: the latent space would be larger than the data it encodes",
+            where=f"{config.path} [model]/[search] latent_dim, data {data.description}",
+            fix=f"keep latent_dim at most {n_genes}, or use data with more genes",
+        )
+    n_cells, batch = data.train.n_obs, config.largest("batch_size")
+    if n_cells < batch:
+        print(
+            f"melvae: WARNING: the training split has {n_cells} cells, fewer than the largest "
+            f"batch_size {batch}: such trials train on one batch of {n_cells} cells per epoch",
+            file=sys.stderr,
+        )
 
 
 def _announce_fallback(config: StudyConfig, dataset: Dataset, reason: str) -> None:
