@@ -100,12 +100,7 @@ def choose(cores: int, n_trials: int, gene_weights: int) -> Plan:
 def gene_weights(config: StudyConfig, n_genes: int) -> int:
     """Weights of the two gene-facing layers (encoder input, decoder output) of the study's
     largest model on `n_genes` genes: 2 x genes x the widest hidden layer it may try."""
-    widths = [config.hidden_dim] + [
-        max(p.choices) if p.kind == "categorical" else p.high
-        for p in config.search
-        if p.name == "hidden_dim"
-    ]
-    return 2 * n_genes * int(max(widths))
+    return 2 * n_genes * int(config.largest("hidden_dim"))
 
 
 def worker_seed(study_seed: int | None, index: int) -> int | None:
