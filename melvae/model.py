@@ -25,7 +25,8 @@ import torch
 from melvae import params
 from melvae.data.loader import batches
 from melvae.errors import InputError
-from melvae.module import Likelihood, VAEModule
+from melvae.likelihoods import LikelihoodName, check_pair, get_likelihood
+from melvae.module import VAEModule
 from melvae.preprocess import (
     Matrix,
     PreprocessConfig,
@@ -41,17 +42,36 @@ MODEL_FILE = "melvae.json"
 WEIGHTS_FILE = "weights.pt"
 FORMAT_VERSION = 1
 
-# The transforms each decoder likelihood is valid for (Bernoulli needs values in [0, 1],
-# the negative binomial needs untransformed counts).
-COMPATIBLE_TRANSFORMS: dict[str, tuple[str, ...]] = {
-    "bernoulli": ("minmax",),
-    "gaussian": ("minmax", "log1p", "counts"),
-    "negative_binomial": ("counts",),
-}
-
 
 class MelVAE:
-    """A fitted VAE together with its preprocessing; build with `MelVAE.fit` or `MelVAE.load`."""
+    """A fitted VAE together with its preprocessing; build with `MelVAE.fit` or `MelVAE.load`.
+
+    Parameters
+    ----------
+    module
+        The torch module (`melvae.module.VAEModule`).
+    preprocessor
+        The fitted preprocessing: gene list and training-split statistics.
+    hyperparameters
+        What the module was built with (`melvae.params`), as stored in `melvae.json`.
+    label_key, label_names
+        The obs column of cell-type labels it was trained next to, and the labels seen.
+    library_size
+        Median total counts of the training cells (for likelihoods that decode counts).
+    history
+        Per-epoch losses of training.
+    origin
+        Where the training cells came from, as a study records it: dataset key, label key,
+        split seed and fractions, preprocessing settings (None for a model fitted by hand).
+
+    Examples
+    --------
+    >>> model = MelVAE.fit(train, val, latent_dim=5, activation="gelu")  # doctest: +SKIP
+    >>> model.embed(adata).obsm["X_melvae"].shape  # doctest: +SKIP
+    (700, 5)
+    >>> MelVAE.load(model.save("my_model")).genes == model.genes  # doctest: +SKIP
+    True
+    """
 
     def __init__(
         self,
@@ -63,6 +83,7 @@ class MelVAE:
         label_names: list[str] | None = None,
         library_size: float | None = None,
         history: History | None = None,
+        origin: dict[str, Any] | None = None,
     ) -> None:
         self.module = module
         self.preprocessor = preprocessor
@@ -71,6 +92,7 @@ class MelVAE:
         self.label_names = list(label_names or [])
         self.library_size = library_size
         self.history = history
+        self.origin = origin
 
     @property
     def genes(self) -> list[str]:
@@ -93,49 +115,52 @@ class MelVAE:
         /,
         *,
         preprocess: PreprocessConfig | Preprocessor | None = None,
-        likelihood: Likelihood = "bernoulli",
+        likelihood: LikelihoodName = "bernoulli",
         train: TrainConfig | None = None,
         label_key: str | None = None,
         on_epoch: EpochCallback | None = None,
         progress: bool = True,
+        origin: dict[str, Any] | None = None,
         **architecture: Any,
     ) -> MelVAE:
         """Fit the preprocessor on the training cells only (unless one is given), then train.
 
-                Parameters
-                ----------
-                train_cells, val_cells
-                    Cells x genes (positional-only, so that `train=` can name the TrainConfig).
-                    `val_cells` drive early stopping and the reported validation loss; they never
-                    influence the preprocessing.
-                preprocess
-                    A PreprocessConfig to fit on `train_cells`, or an already fitted Preprocessor.
-                likelihood
-                    The decoder's likelihood: "bernoulli" (min-max data), "gaussian" or
-                    "negative_binomial" (raw counts).
-                train
-                    Optimisation settings (epochs, batch size, learning rate, KL weight and warm-up,
-                    early stopping, seed, device); default `TrainConfig()`.
-                label_key
-                    An obs column of cell-type labels kept with the model (None: none).
-                on_epoch
-                    Called as `on_epoch(epoch, metrics)` after every epoch.
-                progress
-                    Show a progress bar.
-                **architecture
-                    The module's hyperparameters, declared in `melvae.params`; each is listed below.
+        Parameters
+        ----------
+        train_cells, val_cells
+            Cells x genes (positional-only, so that `train=` can name the TrainConfig).
+            `val_cells` drive early stopping and the reported validation loss; they never
+            influence the preprocessing.
+        preprocess
+            A PreprocessConfig to fit on `train_cells`, or an already fitted Preprocessor.
+        likelihood
+            The decoder's likelihood: "bernoulli" (min-max data), "gaussian" or
+            "negative_binomial" (raw counts).
+        train
+            Optimisation settings (epochs, batch size, learning rate, KL weight and warm-up,
+            early stopping, seed, device); default `TrainConfig()`.
+        label_key
+            An obs column of cell-type labels kept with the model (None: none).
+        on_epoch
+            Called as `on_epoch(epoch, metrics)` after every epoch.
+        progress
+            Show a progress bar.
+        origin
+            Where the cells came from (JSON-safe), kept in `melvae.json`; a study sets it.
+        **architecture
+            The module's hyperparameters, declared in `melvae.params`; each is listed below.
         {architecture}
 
-                Returns
-                -------
-                MelVAE
-                    The trained model, with its `history`.
+        Returns
+        -------
+        MelVAE
+            The trained model, with its `history`.
 
-                Examples
-                --------
-                >>> model = MelVAE.fit(train, val, hidden_dim=64, latent_dim=5)  # doctest: +SKIP
-                >>> model.encode(test).shape  # doctest: +SKIP
-                (120, 5)
+        Examples
+        --------
+        >>> model = MelVAE.fit(train, val, hidden_dim=64, latent_dim=5)  # doctest: +SKIP
+        >>> model.encode(test).shape  # doctest: +SKIP
+        (120, 5)
         """
         preprocess = PreprocessConfig() if preprocess is None else preprocess
         training = TrainConfig() if train is None else train
@@ -144,7 +169,9 @@ class MelVAE:
         else:
             preprocessor = fit_preprocessor(train_cells, preprocess)
             preprocess_config = asdict(preprocess)
-        _check_compatible(likelihood, preprocessor.transform)
+        check_pair(
+            likelihood, preprocessor.transform, where="MelVAE.fit(likelihood=..., preprocess=...)"
+        )
         hyperparameters = {
             "n_genes": len(preprocessor.genes),
             **params.module_values(architecture, where="MelVAE.fit"),
@@ -158,10 +185,11 @@ class MelVAE:
             hyperparameters=hyperparameters,
             label_key=label_key,
             label_names=_label_names(train_cells, label_key),
+            origin=origin,
         )
         train_x = model._prepare(train_cells, "training cells")
         val_x = model._prepare(val_cells, "validation cells")
-        if likelihood == "negative_binomial":
+        if get_likelihood(likelihood, where="MelVAE.fit").uses_library:
             model.library_size = float(np.median(np.asarray(train_x.sum(axis=1)).ravel()))
         model.history = train_vae(
             model.module, train_x, val_x, training, on_epoch=on_epoch, progress=progress
@@ -278,6 +306,7 @@ class MelVAE:
             "label_names": self.label_names,
             "library_size": self.library_size,
             "history": None if self.history is None else self.history.to_dict(),
+            "origin": self.origin,
         }
 
     @classmethod
@@ -311,6 +340,7 @@ class MelVAE:
             label_names=meta.get("label_names"),
             library_size=meta.get("library_size"),
             history=None if history is None else History.from_dict(history),
+            origin=meta.get("origin"),
         )
 
 
@@ -326,17 +356,6 @@ def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
             architecture.pop("latent_dim"),
             hyperparameters["likelihood"],
             **architecture,
-        )
-
-
-def _check_compatible(likelihood: str, transform: str) -> None:
-    allowed = COMPATIBLE_TRANSFORMS.get(likelihood)
-    if allowed is not None and transform not in allowed:
-        raise InputError(
-            f"the {likelihood} decoder cannot model {transform!r}-transformed data",
-            where="MelVAE.fit(likelihood=..., preprocess=...)",
-            fix=f"use transform {' or '.join(map(repr, allowed))} with {likelihood}, "
-            "or likelihood='gaussian'",
         )
 
 
@@ -369,5 +388,5 @@ def _replace_dir(src: Path, dest: Path) -> None:
 
 
 MelVAE.fit.__func__.__doc__ = MelVAE.fit.__doc__.replace(
-    "{architecture}", params.numpydoc("module", indent=" " * 8)
+    " " * 8 + "{architecture}", params.numpydoc("module", indent=" " * 8)
 )

@@ -4,17 +4,13 @@ encoder: Linear(n_genes -> hidden) + ReLU -> (mu, logvar) via two Linear(hidden 
 decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes). `n_layers` hidden layers
 (each optionally followed by a batch/layer norm before the activation and by dropout after it)
 deepen both sides; the activation may be ReLU, GELU or ELU; the defaults (1 layer, no norm, no
-dropout, ReLU) are the original module, parameter for parameter. The decoder output is read as
-- "bernoulli": logits of a Bernoulli per gene, loss = BCE (the original, for [0, 1] min-max data);
-- "gaussian": the mean of a unit-variance Gaussian, loss = 0.5 * squared error (its NLL without the
-  constant);
-- "negative_binomial": logits of the expression proportions; the mean is softmax(logits) times the
-  cell's library size, with a learned per-gene inverse dispersion. The encoder sees log1p(counts).
+dropout, ReLU) are the original module, parameter for parameter. The decoder
+output is read by the likelihood object (`melvae.likelihoods`): its loss, mean and encoder input.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,10 +18,8 @@ from torch import nn
 from melvae import params
 from melvae.errors import InputError
 from melvae.layers import WideLinear
-from melvae.losses import bernoulli_nll, sample_and_kl
-
-Likelihood = Literal["bernoulli", "gaussian", "negative_binomial"]
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian", "negative_binomial")
+from melvae.likelihoods import LikelihoodName, get_likelihood
+from melvae.losses import sample_and_kl
 
 
 class LossParts(NamedTuple):
@@ -72,18 +66,13 @@ class VAEModule(nn.Module):
         n_genes: int,
         hidden_dim: int,
         latent_dim: int,
-        likelihood: Likelihood = "bernoulli",
+        likelihood: LikelihoodName = "bernoulli",
         **architecture: Any,
     ) -> None:
         """Build the module; `architecture` takes the other module parameters of
         `melvae.params` (n_layers, dropout, norm, ...), each defaulting to the original."""
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise InputError(
-                f"unknown likelihood {likelihood!r}",
-                where="VAEModule",
-                fix=f"use one of {', '.join(LIKELIHOODS)}",
-            )
+        self.likelihood_model = get_likelihood(likelihood, where="VAEModule")
         if n_genes < 1:
             raise InputError(
                 f"n_genes = {n_genes}: a module needs at least one gene",
@@ -103,27 +92,21 @@ class VAEModule(nn.Module):
         self.decoder = nn.Sequential(
             *hidden_stack(latent_dim, hidden_dim, **block), WideLinear(hidden_dim, n_genes)
         )
-        if likelihood == "negative_binomial":
-            self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        for name, parameter in self.likelihood_model.extra_parameters(n_genes).items():
+            self.register_parameter(name, parameter)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance of the latent code for each cell."""
-        h = self.encoder(torch.log1p(x) if self.likelihood == "negative_binomial" else x)
+        h = self.encoder(self.likelihood_model.encoder_input(x))
         return self.mu(h), self.logvar(h)
 
     def decode_mean(self, z: torch.Tensor, library: torch.Tensor | None = None) -> torch.Tensor:
         """Expected expression in the transformed space for latent codes `z`.
 
-        `library` (cells x 1 total counts) only matters for negative_binomial; without it the
-        result is the expected proportion of each gene (rows sum to 1).
+        `library` (cells x 1 total counts) only matters for a likelihood that uses it
+        (negative_binomial; without it the result is each gene's expected proportion).
         """
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(out)
-        if self.likelihood == "gaussian":
-            return out
-        proportions = torch.softmax(out, dim=-1)
-        return proportions if library is None else proportions * library
+        return self.likelihood_model.mean(self, self.decoder(z), library)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Expected expression decoded from each cell's posterior mean (no sampling)."""
@@ -140,26 +123,6 @@ class VAEModule(nn.Module):
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z, kl = sample_and_kl(mu, logvar, eps)
-        recon = self._reconstruction_nll(x, self.decoder(z)).mean()
+        recon = self.likelihood_model.nll(self, x, self.decoder(z)).mean()
         kl = kl.mean()
         return LossParts(recon + kl_weight * kl, recon, kl)
-
-    def _reconstruction_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Per-cell negative log-likelihood of `x` given the decoder output, summed over genes."""
-        if self.likelihood == "bernoulli":
-            return bernoulli_nll(out, x)
-        if self.likelihood == "gaussian":
-            return 0.5 * (x - out).square().sum(dim=-1)
-        library = x.sum(dim=-1, keepdim=True)
-        log_mu = torch.log_softmax(out, dim=-1) + torch.log(library.clamp_min(1e-8))
-        log_theta = self.log_theta
-        theta = log_theta.exp()
-        log_theta_plus_mu = torch.logaddexp(log_theta, log_mu)
-        log_prob = (
-            theta * (log_theta - log_theta_plus_mu)
-            + x * (log_mu - log_theta_plus_mu)
-            + torch.lgamma(x + theta)
-            - torch.lgamma(theta)
-            - torch.lgamma(x + 1)
-        )
-        return -log_prob.sum(dim=-1)

@@ -134,7 +134,7 @@ def test_the_original_single_objective_study_stays_available(tmp_path):
             'choices = ["none", "layer"]',
             'choices = ["none", "layer"]\n[search.transform_likelihood]\ntype = "categorical"\n'
             'choices = ["minmax/bernoulli", "log1p/bernoulli"]',
-            "pair 'log1p/bernoulli' is not valid",
+            "bernoulli decoder cannot model 'log1p'",
         ),
     ],
 )
@@ -198,3 +198,8 @@ def test_the_activation_is_searchable_and_defaults_to_the_original_relu(tmp_path
     path.write_text(path.read_text().replace('"elu"]', '"tanh"]'))
     with pytest.raises(InputError, match="activation = 'tanh' is not valid"):
         load_study_config(path)
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "studies").glob("*.toml")))
+def test_the_example_studies_are_valid(example):
+    assert load_study_config(example).name.startswith("melanoma-vae-")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from melvae.errors import InputError
-from melvae.module import LIKELIHOODS, VAEModule
+from melvae.likelihoods import LIKELIHOODS
+from melvae.module import VAEModule
 
 
 def _zero_decoder_and_posterior(module: VAEModule) -> None:

@@ -23,16 +23,15 @@ from melvae.study.recovery import stop_cleanly_on_sigterm
 from melvae.study.runner import (
     CHAMPION_TEST_ATTR,
     DEFAULT_STORAGE,
-    StudyOutcome,
     best_complete_trial,
     config_for_data,
     create_experiment,
     create_study,
+    dataset_key,
     effective_config,
     prepare_data,
     promote_best,
     run_study,
-    trials_table,
 )
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -40,6 +39,7 @@ from melvae.study.storage import (
     check_tracking_uri,
     redact_url,
 )
+from melvae.tuning import TuneResult, tune
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,21 +142,23 @@ def _workers(text: str) -> int | str:
 def _run(args: argparse.Namespace) -> int:
     stop_cleanly_on_sigterm()
     config = load_study_config(args.study)
-    if args.device is not None:
-        train = dataclasses.replace(config.train, device=args.device)
-        config = dataclasses.replace(config, train=train)
-    study_options = {
-        "storage": args.storage,
-        "tracking_uri": args.tracking_uri,
-        "timeout": args.timeout,
-        "epochs_cap": args.epochs,
-        "data_path": args.data,
-        "progress": not args.quiet,
-        "heartbeat": args.heartbeat,
-    }
     if args.worker_index is not None:  # one of the processes `run --workers N` starts
         _set_threads(args.threads)
-        run_study(config, **study_options, worker_index=args.worker_index, summarise=False)
+        if args.device is not None:
+            train = dataclasses.replace(config.train, device=args.device)
+            config = dataclasses.replace(config, train=train)
+        run_study(
+            config,
+            storage=args.storage,
+            tracking_uri=args.tracking_uri,
+            timeout=args.timeout,
+            epochs_cap=args.epochs,
+            data_path=args.data,
+            progress=not args.quiet,
+            heartbeat=args.heartbeat,
+            worker_index=args.worker_index,
+            summarise=False,
+        )
         return 0
     check_storage_url(args.storage)
     check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
@@ -164,27 +166,47 @@ def _run(args: argparse.Namespace) -> int:
     n_trials = args.n_trials or config.n_trials or workers.UNTIL_TIMEOUT
     plan = _plan(args, config, data, n_trials)
     print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
-    if plan.workers == 1:
-        _set_threads(plan.threads)
-        outcome = run_study(config, **study_options, n_trials=args.n_trials, data=data)
-        return _summary(outcome, config)
+    code, n_now, threads = 0, args.n_trials, plan.threads
+    if plan.workers > 1:
+        code = _run_workers(args, config, data, plan, n_trials)
+        if code in (130, 143):  # stopped: the workers queued their trials again for the next run
+            return code
+        if code != 0:
+            print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
+        # The summary (champion's test scores, baselines, registration) once, here.
+        n_now, threads = 0, workers.cores()
+    result = tune(
+        args.data,
+        config,
+        n_trials=n_now,
+        timeout=args.timeout,
+        epochs=args.epochs,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+        threads=threads,
+        progress=not args.quiet,
+        heartbeat=args.heartbeat,
+    )
+    summary = _summary(result)
+    return summary if code < 0 else summary or code
+
+
+def _run_workers(
+    args: argparse.Namespace, config: StudyConfig, data: PreparedData, plan: workers.Plan, n: int
+) -> int:
+    """Create the study, pledge `n` trials and claim the workers' sampler indices, start the
+    workers and wait; return the worst exit code (a stop takes the unrun pledge back)."""
     study_config = config_for_data(config, data, announce=False)
     study = create_study(study_config, data.dataset_key, args.storage, heartbeat=args.heartbeat)
     first = workers.claim_workers(study, args.storage, plan.workers)
-    workers.pledge(study, args.storage, n_trials)
+    workers.pledge(study, args.storage, n)
     code = workers.run_workers(
         args.argv, workers=plan.workers, threads=plan.threads, first_index=first
     )
-    if code in (130, 143):  # stopped: the workers queued their trials again for the next run
-        workers.withdraw(study, args.storage, n_trials)
-        return code
-    if code != 0:
-        print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
-    _set_threads(workers.cores())
-    # The summary (champion's test scores, baselines, registration) once, here; no trial is left.
-    outcome = run_study(config, **study_options, n_trials=0, worker_index=first, data=data)
-    summary = _summary(outcome, config)
-    return summary if code < 0 else summary or code
+    if code in (130, 143):
+        workers.withdraw(study, args.storage, n)
+    return code
 
 
 def _plan(
@@ -210,23 +232,22 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(max(1, threads))
 
 
-def _summary(outcome: StudyOutcome, config: StudyConfig) -> int:
+def _summary(result: TuneResult) -> int:
     """Print what the run left: the trials, the champion and its margins, the registry verdict."""
-    print(f"\nstudy {outcome.study.study_name!r}: {len(outcome.study.trials)} trials in storage")
-    print(trials_table(outcome.study).to_string(float_format=lambda v: f"{v:.4g}"))
-    config = effective_config(outcome.study, config)
-    best = best_complete_trial(outcome.study, config)
+    print(f"\nstudy {result.study.study_name!r}: {len(result.study.trials)} trials in storage")
+    print(result.trials.to_string(float_format=lambda v: f"{v:.4g}"))
+    config, best = result.config, result.champion_trial
     if best is not None:
         values = ", ".join(
             f"{n} = {v:.6g}" for n, v in zip(config.objectives, best.values, strict=True)
         )
         print(f"champion: trial {best.number}, {values}")
         print(f"  chosen by: {config.selection.describe(config.objectives)}")
-    if outcome.comparison is not None:
+    if result.comparison is not None:
         print("\nheld-out test metrics, champion vs baselines (positive margin: champion better):")
-        print(outcome.comparison.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"this run took {outcome.seconds:.0f} s (MLflow parent run {outcome.parent_run_id})")
-    reg = outcome.registration
+        print(result.comparison.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"this run took {result.seconds:.0f} s (MLflow parent run {result.parent_run_id})")
+    reg = result.registration
     if reg is None:
         print("no completed trial: nothing registered")
         return 1
@@ -298,8 +319,7 @@ def _promote(args: argparse.Namespace) -> int:
     check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
     track.use_backend(args.tracking_uri)
     study = _find_study(args, config)
-    dataset_key = study.study_name.removeprefix(f"{config.name}-")
-    registration = promote_best(study, config, dataset_key)
+    registration = promote_best(study, config, dataset_key(study, config))
     if registration is None:
         print("no completed trial: nothing registered")
         return 1

@@ -1,4 +1,5 @@
-"""Study definitions: a versioned TOML file in `studies/` parsed into typed, validated settings."""
+"""Study definitions: a TOML file (the default ships as `melvae/studies/default.toml`) or a dict,
+parsed into typed, validated settings."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from typing import Any, Literal
 
 from melvae import params
 from melvae.errors import InputError
-from melvae.model import COMPATIBLE_TRANSFORMS
+from melvae.likelihoods import LIKELIHOODS, check_pair
 from melvae.params import PARAMS
 from melvae.preprocess import PreprocessConfig
 from melvae.study.selection import RULES, SelectionRule
 from melvae.train import TrainConfig
 
-DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "studies" / "default.toml"
-LIKELIHOODS = ("bernoulli", "gaussian", "negative_binomial")
+# Inside the package, so an installed wheel finds it (the top-level studies/ holds examples).
+DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "studies" / "default.toml"
 TRIAL_KEYS = tuple(PARAMS)
 # Pruner options that count trials or epochs: whole numbers >= this.
 PRUNER_COUNTS = {"n_startup_trials": 0, "n_warmup_steps": 0, "interval_steps": 1, "n_min_trials": 1}
@@ -102,6 +103,11 @@ class StudyConfig:
         """Every preprocessing transform a trial of this study may use."""
         return {split_pair(pair)[0] for pair in self.pairs()}
 
+    def preprocess_for(self, transform: str) -> PreprocessConfig:
+        """The study's preprocessing with `transform` (a searched transform/likelihood pair's)."""
+        p = self.preprocess
+        return replace(p, transform=transform, scale=p.scale and transform == "log1p")
+
     def fit_only(self) -> StudyConfig:
         """This study without its label objectives: for data that have no cell-type labels."""
         return replace(self, objectives=("val_loss",), selection=SelectionRule(rule="objective"))
@@ -128,7 +134,13 @@ class StudyConfig:
 
 
 def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
-    """Read and validate a study TOML file; every mistake is an InputError naming the key."""
+    """Read and validate a study TOML file; every mistake is an InputError naming the key.
+
+    Examples
+    --------
+    >>> load_study_config().objectives
+    ('val_loss', 'bio_score')
+    """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -136,12 +148,40 @@ def load_study_config(path: Path | str = DEFAULT_STUDY) -> StudyConfig:
         raise InputError(
             "study file not found",
             where=str(path),
-            fix="pass --study with a path to a TOML file (see studies/default.toml)",
+            fix=f"pass --study with a path to a TOML file (see {DEFAULT_STUDY})",
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise InputError(
             f"study file is not valid TOML: {exc}", where=str(path), fix="fix the TOML syntax"
         ) from None
+    return study_config_from_dict(raw, path)
+
+
+def study_config_from_dict(raw: dict[str, Any], path: Path | str = "<study dict>") -> StudyConfig:
+    """Validate a study given as a dict laid out like a study file (`tomllib.loads` of one).
+
+    Parameters
+    ----------
+    raw
+        The study's tables, e.g. ``{"name": "mine", "data": {"dataset": "pbmc68k_reduced"},
+        "search": {...}}``.
+    path
+        Where it came from, named in error messages (a file, or a label for a dict).
+
+    Returns
+    -------
+    StudyConfig
+        The checked settings; every mistake is an InputError naming its key.
+
+    Examples
+    --------
+    >>> import tomllib
+    >>> raw = tomllib.loads(DEFAULT_STUDY.read_text())
+    >>> raw["budget"]["n_trials"] = 5
+    >>> study_config_from_dict(raw).n_trials
+    5
+    """
+    path = Path(path)
     reader = _Section(raw, str(path))
     data = reader.section("data")
     model = reader.section("model")
@@ -256,13 +296,11 @@ def _check_architecture(config: StudyConfig) -> None:
     where = str(config.path)
     for pair in config.pairs():
         transform, likelihood = split_pair(pair)
-        if transform not in COMPATIBLE_TRANSFORMS.get(likelihood, ()):
-            valid = [f"{t}/{lik}" for lik, ts in COMPATIBLE_TRANSFORMS.items() for t in ts]
-            raise InputError(
-                f"transform/likelihood pair {pair!r} is not valid",
-                where=f"{where} [search.transform_likelihood] or [preprocess]/[model]",
-                fix=f"use one of {', '.join(valid)}",
-            )
+        check_pair(
+            likelihood,
+            transform,
+            where=f"{where} [search.transform_likelihood] or [preprocess]/[model]: {pair!r}",
+        )
 
 
 def _check_consistency(config: StudyConfig) -> None:
@@ -423,7 +461,7 @@ class _Section:
 
     def __init__(self, values: Any, where: str) -> None:
         if not isinstance(values, dict):
-            raise InputError("expected a table", where=where, fix="see studies/default.toml")
+            raise InputError("expected a table", where=where, fix=f"see {DEFAULT_STUDY}")
         self.values = values
         self.where = where
         self.seen: set[str] = set()
@@ -463,5 +501,5 @@ class _Section:
             raise InputError(
                 f"unknown setting(s) {', '.join(sorted(unknown))}",
                 where=self.where,
-                fix="remove them or check their spelling against studies/default.toml",
+                fix=f"remove them or check their spelling against {DEFAULT_STUDY}",
             )

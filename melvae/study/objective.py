@@ -154,6 +154,16 @@ def fit_with_params(
         label_key=data.label_key,
         on_epoch=on_epoch,
         progress=progress,
+        origin={
+            "dataset": data.dataset_key,
+            "label_key": data.label_key,
+            "split": {
+                "seed": config.preprocess.seed,
+                "val_fraction": config.preprocess.val_fraction,
+                "test_fraction": config.preprocess.test_fraction,
+            },
+            "preprocess": dataclasses.asdict(config.preprocess_for(transform)),
+        },
         **select(values, "module"),
     )
 

@@ -19,6 +19,7 @@ from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
 from melvae.data.validate import validate_expression, validate_labels
 from melvae.errors import InputError
 from melvae.evaluate import BIO_METRICS
+from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study import workers
@@ -48,18 +49,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 _SEEDED_ATTR = "seed_trials_enqueued"
+# Stored when the study is created, read by `best`, `promote` and `analyze` rather than guessed:
+# the objectives and selection rule it optimises for, and the dataset it runs on.
+OBJECTIVES_ATTR = "objectives"
+SELECTION_ATTR = "selection"
+DATASET_ATTR = "dataset_key"
 CHAMPION_TEST_ATTR = "champion_test_metrics"
 
 
 def prepare_data(
-    config: StudyConfig, *, data_path: Path | None = None, base_url: str | None = None
+    config: StudyConfig,
+    *,
+    data_path: Path | None = None,
+    base_url: str | None = None,
+    dataset: Dataset | None = None,
 ) -> PreparedData:
     """read → validate → split → fit preprocessing on the training split only; data too small
     for the study's models are refused (`check_data_fits`)."""
     fallback_reason = None
-    if data_path is not None:
+    if dataset is None and data_path is not None:
         dataset = load_dataset(str(data_path))
-    else:
+    elif dataset is None:
         dataset, fallback_reason = load_with_fallback(
             config.dataset, config.fallback, base_url=base_url
         )
@@ -96,12 +106,7 @@ def prepare_data(
         val=adata[splits["val"]],
         test=adata[splits["test"]],
         preprocessor=fit_preprocessor(train, config.preprocess),
-        preprocessors={
-            t: fit_preprocessor(
-                train, dataclasses.replace(p, transform=t, scale=p.scale and t == "log1p")
-            )
-            for t in others
-        },
+        preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
     )
     check_data_fits(config, data)
     return data
@@ -175,6 +180,10 @@ def _create_study(
             searched = {name: value for name, value in params.items() if _is_searched(config, name)}
             study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
         study.set_user_attr(_SEEDED_ATTR, True)
+    if OBJECTIVES_ATTR not in study.user_attrs:
+        study.set_user_attr(OBJECTIVES_ATTR, list(config.objectives))
+        study.set_user_attr(SELECTION_ATTR, dataclasses.asdict(config.selection))
+        study.set_user_attr(DATASET_ATTR, dataset_key)
     return study
 
 
@@ -232,13 +241,19 @@ def _build(choices: dict[str, type], table: dict, default: str, where: str):
 
 @dataclass(frozen=True)
 class StudyOutcome:
-    """What one `run` left behind: the study, its experiment, and the registry's verdict."""
+    """What one `run` left behind: the study, its experiment, its champion and the registry's
+    verdict."""
 
     study: optuna.Study
     experiment_id: str
     parent_run_id: str
     registration: Registration | None
     seconds: float
+    # The study as it ran (a study of unlabelled data selects on fit alone).
+    config: StudyConfig
+    # The trial the selection rule picked and its model; None if no trial completed.
+    champion_trial: optuna.trial.FrozenTrial | None = None
+    champion: MelVAE | None = None
     # Champion vs baselines on the held-out test metrics, with the margin row; None if no
     # trial completed.
     comparison: pd.DataFrame | None = None
@@ -253,6 +268,7 @@ def run_study(
     timeout: float | None = None,
     epochs_cap: int | None = None,
     data_path: Path | None = None,
+    dataset: Dataset | None = None,
     base_url: str | None = None,
     progress: bool = True,
     heartbeat: int = HEARTBEAT_SECONDS,
@@ -273,7 +289,7 @@ def run_study(
     check_storage_url(storage)
     check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
     if data is None:
-        data = prepare_data(config, data_path=data_path, base_url=base_url)
+        data = prepare_data(config, data_path=data_path, base_url=base_url, dataset=dataset)
     config = config_for_data(config, data, announce=summarise)
     study = create_study(config, data.dataset_key, storage, heartbeat=heartbeat)
     tracking_uri, experiment_id = create_experiment(study.study_name, tracking_uri)
@@ -284,7 +300,8 @@ def run_study(
     run_name = time.strftime("run-%Y%m%d-%H%M%S")
     with track.top_level_run(experiment_id, run_name=run_name, tags=tags) as parent_id:
         track.log_params(_data_params(config, data, storage))
-        track.log_file(config.path, "study")
+        if config.path.is_file():  # a study given as a dict has its settings in the params
+            track.log_file(config.path, "study")
         objective = Objective(
             config,
             data,
@@ -312,17 +329,25 @@ def run_study(
                 catch=(NonFiniteLossError,),
                 callbacks=[show_progress],
             )
-        registration, comparison = None, None
+        registration = comparison = best = champion = None
         if summarise:
-            registration, comparison = _summarise_parent(
-                study, data, config, tracking_uri, experiment_id, epochs_cap
-            )
+            # The steps after the trials, by name: select -> score on test -> baselines -> register.
+            best, champion = select_champion_step(study, config, tracking_uri)
+            if best is not None:
+                test_metrics = score_on_test_step(study, best, champion, data)
+                comparison = baselines_step(
+                    config, data, best, test_metrics, study, tracking_uri, experiment_id, epochs_cap
+                )
+                registration = promote_best(study, config, data.dataset_key)
     return StudyOutcome(
         study=study,
         experiment_id=experiment_id,
         parent_run_id=parent_id,
         registration=registration,
         seconds=time.perf_counter() - started,
+        config=config,
+        champion_trial=best,
+        champion=champion,
         comparison=comparison,
     )
 
@@ -364,16 +389,11 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
     }
 
 
-def _summarise_parent(
-    study: optuna.Study,
-    data: PreparedData,
-    config: StudyConfig,
-    tracking_uri: str,
-    experiment_id: str,
-    epochs_cap: int | None,
-) -> tuple[Registration | None, pd.DataFrame | None]:
-    """Give the parent run the champion's metrics, the study's plots, the baselines and margins,
-    and the registry verdict."""
+def select_champion_step(
+    study: optuna.Study, config: StudyConfig, tracking_uri: str
+) -> tuple[optuna.trial.FrozenTrial | None, MelVAE | None]:
+    """Pick the champion by the study's rule, give the parent run its metrics and the study's
+    plots, and load its model; (None, None) if no trial completed."""
     best = best_complete_trial(study, config)
     if best is None:
         log.warning("no trial completed: nothing to register")
@@ -398,10 +418,31 @@ def _summarise_parent(
         }
     )
     _log_study_plots(study, config)
-    model = load_model(best.user_attrs["model_uri"], tracking_uri=tracking_uri)
-    champion = score_champion(model, data)
-    track.log_metrics(champion)
-    study.set_user_attr(CHAMPION_TEST_ATTR, {"trial": best.number, **champion})
+    return best, load_model(best.user_attrs["model_uri"], tracking_uri=tracking_uri)
+
+
+def score_on_test_step(
+    study: optuna.Study, best: optuna.trial.FrozenTrial, champion: MelVAE, data: PreparedData
+) -> dict[str, float]:
+    """The champion's held-out test metrics (never used for selection), on the parent run and
+    in the study's user attributes."""
+    metrics = score_champion(champion, data)
+    track.log_metrics(metrics)
+    study.set_user_attr(CHAMPION_TEST_ATTR, {"trial": best.number, **metrics})
+    return metrics
+
+
+def baselines_step(
+    config: StudyConfig,
+    data: PreparedData,
+    best: optuna.trial.FrozenTrial,
+    champion_metrics: dict[str, float],
+    study: optuna.Study,
+    tracking_uri: str,
+    experiment_id: str,
+    epochs_cap: int | None,
+) -> pd.DataFrame:
+    """Score the baselines, log the champion's margins over the best, return the table."""
     baselines = run_baselines(
         config,
         data,
@@ -411,9 +452,8 @@ def _summarise_parent(
         completed=completed_with_model(study),
         epochs_cap=epochs_cap,
     )
-    track.log_metrics(margins_over_best(champion, baselines))
-    registration = promote_best(study, config, data.dataset_key)
-    return registration, comparison_table(champion, baselines)
+    track.log_metrics(margins_over_best(champion_metrics, baselines))
+    return comparison_table(champion_metrics, baselines)
 
 
 def _log_study_plots(study: optuna.Study, config: StudyConfig) -> None:
@@ -455,10 +495,21 @@ def best_complete_trial(
 
 
 def effective_config(study: optuna.Study, config: StudyConfig) -> StudyConfig:
-    """The study file as this study ran it: a study of unlabelled data selects on fit alone."""
+    """The study file as this study ran it: its stored objectives and selection rule (a study
+    of unlabelled data selects on fit alone)."""
+    stored = study.user_attrs.get(OBJECTIVES_ATTR)
+    if stored is not None:
+        selection = SelectionRule(**study.user_attrs[SELECTION_ATTR])
+        return dataclasses.replace(config, objectives=tuple(stored), selection=selection)
+    # A study created before these attributes were stored: inferred from its directions.
     if len(study.directions) != len(config.objectives) and config.objective == "val_loss":
         return config.fit_only()
     return config
+
+
+def dataset_key(study: optuna.Study, config: StudyConfig) -> str:
+    """The dataset key the study runs on: stored at creation (older studies: from the name)."""
+    return study.user_attrs.get(DATASET_ATTR) or study.study_name.removeprefix(f"{config.name}-")
 
 
 def promote_best(study: optuna.Study, config: StudyConfig, dataset_key: str) -> Registration | None:

@@ -1,0 +1,130 @@
+"""The Python API: a whole study from a notebook on an in-memory AnnData, and its champion
+loaded back in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import melvae
+from melvae.model import MelVAE
+
+LOAD_AND_ENCODE = """
+import json, sys
+import anndata as ad, numpy as np, pandas as pd
+import melvae
+model = melvae.load_model(sys.argv[1], tracking_uri=sys.argv[2])
+cells = ad.AnnData(np.linspace(0, 3, 2 * len(model.genes), dtype=np.float32).reshape(2, -1),
+                   var=pd.DataFrame(index=model.genes))
+print(json.dumps({"latent": model.encode(cells).tolist(), "origin": model.origin}))
+"""
+
+
+def _cells(n_cells: int = 150, n_genes: int = 60) -> ad.AnnData:
+    """Counts of three cell types, each with its own block of expressed genes."""
+    rng = np.random.default_rng(0)
+    types = np.array(["T", "B", "NK"])[np.arange(n_cells) % 3]
+    rates = np.full((n_cells, n_genes), 0.5)
+    for i, name in enumerate(("T", "B", "NK")):
+        rates[types == name, i * 20 : (i + 1) * 20] = 4.0
+    return ad.AnnData(
+        rng.poisson(rates).astype(np.float32),
+        obs=pd.DataFrame({"cell_type": types}, index=[f"c{i}" for i in range(n_cells)]),
+        var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)]),
+    )
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    cwd = Path.cwd()
+    os.chdir(folder)  # a stray default path would land here, never in the checkout
+    try:
+        adata = _cells()
+        tracking = f"sqlite:///{folder}/mlflow.db"
+        result = melvae.tune(
+            adata,
+            n_trials=2,
+            epochs=2,
+            storage=f"sqlite:///{folder}/optuna.db",
+            tracking_uri=tracking,
+            label_key="cell_type",
+            name="toy",
+            threads=1,
+            progress=False,
+        )
+        yield {"result": result, "adata": adata, "tracking": tracking, "folder": folder}
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_a_whole_study_runs_from_python_on_an_in_memory_anndata(tuned):
+    result, adata = tuned["result"], tuned["adata"]
+    assert isinstance(result, melvae.TuneResult)
+    assert result.study.study_name == "melanoma-vae-toy"
+    # Two trials ran; the third documented experiment waits in the queue for the next call.
+    assert list(result.trials["state"]) == ["COMPLETE", "COMPLETE", "WAITING"]
+    assert {"val_loss", "bio_score", "hidden_dim", "latent_dim"} <= set(result.trials.columns)
+    assert isinstance(result.champion, MelVAE)
+    assert result.champion_trial.number in result.trials.index
+    latent = result.champion.encode(adata)
+    assert latent.shape == (adata.n_obs, result.champion_trial.params["latent_dim"])
+    assert result.comparison.index[0] == "champion"
+    assert "margin (champion - best baseline)" in result.comparison.index
+    assert "test_knn_accuracy" in result.comparison.columns
+    assert result.registration.promoted
+    # Stored, not guessed: the study keeps its objectives, rule and dataset; the model its origin.
+    attrs = result.study.user_attrs
+    assert attrs["objectives"] == ["val_loss", "bio_score"]
+    assert attrs["selection"] == {"rule": "bio_within_loss", "loss_tolerance": 0.02}
+    assert attrs["dataset_key"] == "toy"
+    origin = result.champion.origin
+    assert origin["dataset"] == "toy" and origin["label_key"] == "cell_type"
+    assert origin["split"] == {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
+    assert origin["preprocess"]["transform"] == "minmax"
+    import mlflow
+
+    run = mlflow.MlflowClient(tuned["tracking"]).get_run(result.parent_run_id)
+    assert run.info.status == "FINISHED"
+    # Only what the call was pointed at (and the locks beside the databases): no mlruns/ here.
+    written = {p.name for p in tuned["folder"].iterdir()}
+    assert written == {"artifacts", "mlflow.db", "mlflow.db.lock", "optuna.db", "optuna.db.lock"}
+
+
+@pytest.mark.slow
+def test_the_champion_loads_in_a_new_process(tuned):
+    result = tuned["result"]
+    uri = f"models:/{result.registration.name}@champion"
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_ENCODE, uri, tuned["tracking"]],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tuned["folder"],
+        env={**os.environ, "PYTHONPATH": str(Path(melvae.__file__).parents[1])},
+    )
+    genes = result.champion.genes
+    cells = ad.AnnData(
+        np.linspace(0, 3, 2 * len(genes), dtype=np.float32).reshape(2, -1),
+        var=pd.DataFrame(index=genes),
+    )
+    loaded = json.loads(out.stdout.splitlines()[-1])
+    assert np.allclose(loaded["latent"], result.champion.encode(cells))
+    assert loaded["origin"] == result.champion.origin
+
+
+def test_public_names_are_visible_to_dir_and_documented():
+    assert {"MelVAE", "load_model", "tune", "TuneResult"} <= set(dir(melvae))
+    for name in ("MelVAE", "load_model", "tune", "TuneResult"):
+        assert "Examples" in getattr(melvae, name).__doc__ or name == "load_model"
+    assert "activation : str, default 'relu'" in MelVAE.fit.__doc__
+    assert "dropout : float, default 0.0" in MelVAE.fit.__doc__
