@@ -43,8 +43,9 @@ from melvae.evaluate import bio_conservation
 from melvae.register import load_model
 from melvae.study.baselines import PCAEmbedding, baselines_for, build
 from melvae.study.config import load_study_config
-from melvae.study.objective import Embedding, PreparedData
+from melvae.study.objective import PreparedData
 from melvae.study.runner import best_complete_trial, prepare_data, run_study
+from melvae.study.scoring import Embedding
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

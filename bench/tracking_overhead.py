@@ -38,7 +38,8 @@ from melvae.model import MelVAE
 from melvae.plot import loss_curves, tsne_embedding
 from melvae.preprocess import PreprocessConfig, fit_preprocessor, split_cells
 from melvae.register import example_cells, log_model, log_trial_model
-from melvae.study.objective import PreparedData, evaluate_model
+from melvae.study.objective import PreparedData
+from melvae.study.scoring import evaluate_model
 from melvae.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -10,6 +10,7 @@ from numpy.typing import ArrayLike
 
 from melvae import metrics
 from melvae.metrics import MetricUndefinedError
+from melvae.subsample import stratified_subsample
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def bio_conservation(
     Returns `bio_<part>` for each part plus `bio_score`, their mean (see `metrics.bio_score`);
     empty when the labels leave a part undefined (e.g. one class).
     """
-    keep = metrics.stratified_subsample(labels, max_cells, seed=seed)
+    keep = stratified_subsample(labels, max_cells, seed=seed)
     x, y = np.asarray(latent)[keep], np.asarray(labels, dtype=object)[keep]
     try:
         ari, nmi = metrics.kmeans_agreement(x, y, seed=seed)

@@ -290,17 +290,3 @@ def bio_score(
     """Bio-conservation score in [0, 1]: the mean of the label metrics users look at, in the
     spirit of scib-metrics, with the silhouette rescaled from [-1, 1] to [0, 1]."""
     return float(np.mean([(silhouette + 1) / 2, knn_accuracy, knn_macro_f1, ari, nmi]))
-
-
-def stratified_subsample(labels: ArrayLike, max_cells: int, *, seed: int = 0) -> np.ndarray:
-    """Sorted indices of at most `max_cells` cells, each class keeping its share (at least one)."""
-    names, _ = clean_labels(labels)
-    if names.size <= max_cells:
-        return np.arange(names.size)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for label in np.unique(names):
-        members = np.flatnonzero(names == label)
-        share = max(1, round(members.size * max_cells / names.size))
-        keep.append(rng.choice(members, size=min(share, members.size), replace=False))
-    return np.sort(np.concatenate(keep))

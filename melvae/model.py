@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -260,9 +261,25 @@ class MelVAE:
         self, adata: ad.AnnData, *, batch_size: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
         """(transformed input, reconstruction from the latent mean), both dense cells x genes."""
+        _, x, x_hat = self.encode_and_reconstruct(adata, batch_size=batch_size)
+        return x, x_hat
+
+    def encode_and_reconstruct(
+        self, adata: ad.AnnData, *, batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(latent means, transformed input, reconstruction) in one pass over the cells: what
+        `encode` and `reconstruct` give, for the cost of one."""
         x = self._prepare(adata)
-        x_hat = self._predict(self.module.reconstruct, x, batch_size)
-        return (x.toarray() if sp.issparse(x) else np.asarray(x)), x_hat
+        latent_dim = self.hyperparameters["latent_dim"]
+
+        def both(xb: torch.Tensor) -> torch.Tensor:
+            mu, _ = self.module.encode(xb)
+            library = xb.sum(dim=-1, keepdim=True)
+            return torch.cat([mu, self.module.decode_mean(mu, library=library)], dim=1)
+
+        out = self._predict(both, x, batch_size)
+        dense = x.toarray() if sp.issparse(x) else np.asarray(x)
+        return out[:, :latent_dim], dense, out[:, latent_dim:]
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write weights and JSON metadata to `directory` atomically; return the directory.
@@ -311,37 +328,94 @@ class MelVAE:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> MelVAE:
-        """Load a model written by `save`."""
+        """Load a model written by `save`.
+
+        Every way the folder can be damaged (missing or truncated files, invalid JSON, missing
+        keys, weights of the wrong shape, anything but plain tensors in the weights file) is an
+        InputError naming the file and what is wrong; nothing is ever unpickled.
+        """
         directory = Path(directory)
-        try:
-            meta = json.loads((directory / MODEL_FILE).read_text())
-            state = torch.load(directory / WEIGHTS_FILE, weights_only=True, map_location="cpu")
-        except (OSError, ValueError, RuntimeError) as err:
+        if not directory.is_dir():
             raise InputError(
-                f"cannot read a saved melvae model: {err}",
+                f"cannot read a saved melvae model: {directory} is not a folder",
                 where=str(directory),
                 fix="pass a directory written by MelVAE.save",
-            ) from err
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"unsupported model format {meta.get('format_version')!r}",
-                where=str(directory / MODEL_FILE),
-                fix=f"load it with the melvae version that wrote it (this reads {FORMAT_VERSION})",
             )
-        hyperparameters = meta["hyperparameters"]
-        module = _new_module(hyperparameters, seed=0)
-        module.load_state_dict(state)
-        history = meta.get("history")
+        meta = _read_metadata(directory / MODEL_FILE)
+        weights_file = directory / WEIGHTS_FILE
+        state = _read_weights(weights_file)
+        try:
+            hyperparameters = meta["hyperparameters"]
+            module = _new_module(hyperparameters, seed=0)
+            preprocessor = Preprocessor.from_dict(meta["preprocessor"])
+            history = meta.get("history")
+            history = None if history is None else History.from_dict(history)
+        except (KeyError, TypeError, ValueError) as err:
+            raise _damaged(directory / MODEL_FILE, f"missing or invalid entry {err}") from None
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            # torch lists every missing key and shape mismatch; its first lines say enough.
+            detail = " ".join(str(err).split())[:400]
+            what = f"weights do not fit the model's shape: {detail}"
+            raise _damaged(weights_file, what) from None
         return cls(
             module,
-            Preprocessor.from_dict(meta["preprocessor"]),
+            preprocessor,
             hyperparameters=hyperparameters,
             label_key=meta.get("label_key"),
             label_names=meta.get("label_names"),
             library_size=meta.get("library_size"),
-            history=None if history is None else History.from_dict(history),
+            history=history,
             origin=meta.get("origin"),
         )
+
+
+def _damaged(path: Path, what: str) -> InputError:
+    return InputError(
+        f"damaged saved model: {what}",
+        where=str(path),
+        fix="save the model again with MelVAE.save (or load the registered version with "
+        "melvae.load_model); the folder is not a complete model written by melvae",
+    )
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The parsed `melvae.json`, checked for the format version this melvae reads."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _damaged(path, "the file is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, f"not readable JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"expected a JSON object, found {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"unsupported model format {meta.get('format_version')!r}",
+            where=str(path),
+            fix=f"load it with the melvae version that wrote it (this reads {FORMAT_VERSION})",
+        )
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `weights.pt`, read with torch's weights-only loader (never unpickled)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise _damaged(path, "the file is missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        # torch's own message suggests weights_only=False, i.e. running the file's pickled code.
+        reason = str(err).split("\n")[0].split(". ")[0] or f"{type(err).__name__}, empty file?"
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds pickled Python objects, not only tensors"
+        raise _damaged(path, f"not a weights file melvae can read safely: {reason}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise _damaged(path, "expected a mapping of parameter names to tensors")
+    return state
 
 
 def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -26,8 +27,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from melvae.errors import InputError
+from melvae.faultpoint import stop_point
 from melvae.model import MODEL_FILE, MelVAE
-from melvae.track import use_backend
+from melvae.study.storage import promotion_lock, sqlite_file_missing
+from melvae.track import resolve_tracking_uri, use_backend
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ _PINNED = ("torch", "numpy", "pandas", "scipy", "scikit-learn", "anndata", "mlfl
 TRIAL_MODEL_PATH = "melvae"  # a trial's model: runs:/<run id>/melvae
 EXAMPLE_FILE = "input_example.json"
 _TRIAL_URI_TAG = "trial_model_uri"
+COMPLETE_TAG = "melvae_complete"  # written last: a version without it is incomplete
 
 
 class MelVAEPyfunc(mlflow.pyfunc.PythonModel):
@@ -145,12 +149,32 @@ def _quiet_mlflow() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Registration:
-    """What registering the best trial did: the new version and whether it became champion."""
+    """What registering the best trial did: the new version and whether it became champion.
+
+    `refused` says why the champion was not compared with (it was ranked by another metric).
+    """
 
     name: str
     version: str
     promoted: bool
     previous_champion: str | None
+    refused: str | None = None
+
+
+def is_complete(version: Any) -> bool:
+    """Whether a registered version carries every tag melvae writes (the last one a marker).
+
+    An incomplete version (its process killed while tagging it, by an older melvae that wrote
+    tags one by one) is never made champion, and one holding the alias is replaced.
+    """
+    tags = version.tags
+    if tags.get(COMPLETE_TAG) != "true":
+        return False
+    try:
+        float(tags["objective_value"])
+    except (KeyError, ValueError):
+        return False
+    return "objective" in tags
 
 
 def register_and_promote(
@@ -162,27 +186,62 @@ def register_and_promote(
     direction: str,
     tags: dict[str, str],
 ) -> Registration:
-    """Register `model_uri` under `name`; move the `champion` alias only if it beats the holder."""
+    """Register `model_uri` under `name`; move the `champion` alias only if it beats the holder.
+
+    The version is created with all its tags in one call (so it is complete or absent); one left
+    incomplete by a killed process is completed here. The whole compare-and-move runs under the
+    backend's promotion lock, so concurrent promotions leave exactly one champion, the best.
+    A champion ranked by another metric is never compared with: the version is registered and
+    the alias left where it is (`Registration.refused` says why).
+    """
     client = mlflow.MlflowClient()
-    existing = _version_with_source(client, name, model_uri)
-    if existing is None:
-        registrable = _registrable(model_uri, source_run_id=tags.get("run_id"))
-        existing = mlflow.register_model(registrable, name).version
-        client.set_model_version_tag(name, existing, _TRIAL_URI_TAG, model_uri)
-        client.set_model_version_tag(name, existing, "objective", objective)
-        client.set_model_version_tag(name, existing, "objective_value", repr(objective_value))
-        for key, value in tags.items():
-            client.set_model_version_tag(name, existing, key, value)
-    current = _champion(client, name)
-    better = current is None or _beats(objective_value, current[1], direction)
-    if better and (current is None or current[0] != str(existing)):
-        client.set_registered_model_alias(name, CHAMPION, existing)
+    version_tags = {
+        **tags,
+        _TRIAL_URI_TAG: model_uri,
+        "objective": objective,
+        "objective_value": repr(objective_value),
+        COMPLETE_TAG: "true",
+    }
+    with promotion_lock(mlflow.get_tracking_uri()):
+        existing = _version_with_source(client, name, model_uri)
+        if existing is None:
+            registrable = _registrable(model_uri, source_run_id=tags.get("run_id"))
+            existing = str(mlflow.register_model(registrable, name, tags=version_tags).version)
+        else:
+            _complete(client, name, existing, version_tags)
+        stop_point("registered")
+        current = _champion(client, name)
+        refused = None
+        if current is not None and current[2] != objective:
+            refused = (
+                f"the champion (version {current[0]}) was ranked by {current[2]!r}, this version "
+                f"by {objective!r}: they are not compared"
+            )
+        better = refused is None and (
+            current is None or _beats(objective_value, current[1], direction)
+        )
+        promoted = better and (current is None or current[0] != existing)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, existing)
     return Registration(
         name=name,
-        version=str(existing),
-        promoted=better and (current is None or current[0] != str(existing)),
+        version=existing,
+        promoted=promoted,
         previous_champion=None if current is None else current[0],
+        refused=refused,
     )
+
+
+def _complete(client: mlflow.MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    """Write the tags a version lacks (the completeness marker last); a complete version's
+    tags are never changed."""
+    have = client.get_model_version(name, version).tags
+    if have.get(COMPLETE_TAG) == "true":
+        return
+    for key, value in tags.items():
+        if key != COMPLETE_TAG and key not in have:
+            client.set_model_version_tag(name, version, key, value)
+    client.set_model_version_tag(name, version, COMPLETE_TAG, "true")
 
 
 def _registrable(model_uri: str, *, source_run_id: str | None) -> str:
@@ -221,12 +280,26 @@ def _version_with_source(client: mlflow.MlflowClient, name: str, model_uri: str)
     return None
 
 
-def _champion(client: mlflow.MlflowClient, name: str) -> tuple[str, float] | None:
+def _champion(client: mlflow.MlflowClient, name: str) -> tuple[str, float, str] | None:
+    """(version, ranked value, ranked metric) of the complete champion; None if there is none.
+
+    An incomplete version holding the alias does not count: the next promotion replaces it.
+    """
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return str(champion.version), float(champion.tags["objective_value"])
+    if not is_complete(champion):
+        log.warning(
+            "%s version %s holds @%s but is incomplete (its registration was cut short): "
+            "it is replaced by the next complete version",
+            name,
+            champion.version,
+            CHAMPION,
+        )
+        return None
+    tags = champion.tags
+    return str(champion.version), float(tags["objective_value"]), tags["objective"]
 
 
 def _beats(candidate: float, incumbent: float, direction: str) -> bool:
@@ -234,22 +307,37 @@ def _beats(candidate: float, incumbent: float, direction: str) -> bool:
 
 
 def load_model(uri: str, *, tracking_uri: str | None = None) -> MelVAE:
-    """Load a melvae model: registered (`models:/melvae-<key>@champion`) or a trial's URI.
+    """Load a melvae model: registered (`models:/melvae-<key>@champion`), a trial's URI, or a
+    local folder written by `MelVAE.save`.
 
     Returns the MelVAE itself (not the pyfunc wrapper), ready for `encode` and `embed`. Only the
     model's JSON metadata and its weights are read (`torch.load(weights_only=True)`): no
     unpickling, and none of MLflow's per-column signature parsing, slow for 18,000 genes.
+    Only reads: a local SQLite tracking database that does not exist is an error, not created.
     """
+    if urllib.parse.urlsplit(uri).scheme in ("", "file"):
+        return _load_folder(Path(uri.removeprefix("file://")), uri)
+    if sqlite_file_missing(resolve_tracking_uri(tracking_uri)):
+        raise InputError(
+            f"there is no tracking database at {resolve_tracking_uri(tracking_uri)}, so no "
+            f"model {uri!r}",
+            where="tracking_uri / MLFLOW_TRACKING_URI (default sqlite:///mlruns/mlflow.db)",
+            fix="run from the folder where `python -m melvae.study run` ran, or pass the "
+            "tracking URI that holds the model",
+        )
     use_backend(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = _download(uri, tmp)
-        for folder in (local, local / "artifacts" / "melvae"):
-            if (folder / MODEL_FILE).is_file():
-                return MelVAE.load(folder)
+        return _load_folder(_download(uri, tmp), uri)
+
+
+def _load_folder(local: Path, uri: str) -> MelVAE:
+    for folder in (local, local / "artifacts" / "melvae"):
+        if (folder / MODEL_FILE).is_file():
+            return MelVAE.load(folder)
     raise InputError(
-        f"model {uri!r} is not a melvae model",
+        f"model {uri!r} is not a melvae model (no {MODEL_FILE} in it)",
         where=uri,
-        fix="load a model registered by `python -m melvae.study run`",
+        fix="load a model registered by `python -m melvae.study run` or saved by MelVAE.save",
     )
 
 

@@ -129,6 +129,20 @@ def end_abandoned_run(run_id: str, *, reason: str) -> None:
             client.set_terminated(target.info.run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
+def fail_run(run_id: str, *, reason: str) -> None:
+    """End one run FAILED with a `failure_reason` tag (a run its dead process left RUNNING)."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def running_runs(experiment_id: str) -> list[mlflow.entities.Run]:
+    """Every run of the experiment still marked RUNNING."""
+    return mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+    )
+
+
 def _parent(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> mlflow.entities.Run | None:
     parent_id = run.data.tags.get("mlflow.parentRunId")
     return None if parent_id is None else client.get_run(parent_id)

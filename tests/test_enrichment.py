@@ -158,3 +158,34 @@ def test_ranked_enrichment_rejects_missing_scores():
     library = GeneSetLibrary(name="toy", sets={"t": ("CD8A", "CD3E", "GZMB")})
     with pytest.raises(InputError, match="non-finite"):
         ranked_enrichment(scores, library)
+
+
+def _toy_ranked() -> tuple[pd.Series, GeneSetLibrary]:
+    rng = np.random.default_rng(1)
+    genes = [f"G{i}" for i in range(600)]
+    scores = pd.Series(np.linspace(3, -3, 600) + rng.normal(0, 0.01, 600), index=genes)
+    sets = {"top": tuple(genes[:15]), "bottom": tuple(genes[-15:])}
+    for i in range(4):
+        sets[f"random{i}"] = tuple(rng.choice(genes[20:-20], 15, replace=False))
+    return scores, GeneSetLibrary(name="toy", sets=sets)
+
+
+def test_ranked_enrichment_is_identical_for_a_seed_and_leaves_numpy_alone():
+    scores, library = _toy_ranked()
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = ranked_enrichment(scores, library, permutations=200, seed=5)
+    assert np.array_equal(np.random.get_state()[1], before), "global generator restored"
+    again = ranked_enrichment(scores, library, permutations=200, seed=5)
+    pd.testing.assert_frame_equal(first, again)
+    other = ranked_enrichment(scores, library, permutations=200, seed=6)
+    assert not np.allclose(first["p"], other["p"]), "the seed does drive the null"
+
+
+def test_ranked_leading_edge_includes_the_peak_gene():
+    scores, library = _toy_ranked()
+    by_term = ranked_enrichment(scores, library, permutations=200).set_index("term")
+    # The set is the 15 top-ranked genes: the running sum peaks at the last of them, so the
+    # leading edge is the whole set (blitzgsea alone stops one short and drops that gene).
+    assert set(by_term.loc["top", "leading_edge"].split(",")) == set(library.sets["top"])
+    assert set(by_term.loc["bottom", "leading_edge"].split(",")) == set(library.sets["bottom"])

@@ -193,19 +193,6 @@ def test_kmeans_agreement_equals_the_separate_metrics():
     )
 
 
-def test_stratified_subsample_keeps_every_class_and_its_share():
-    labels = np.array(["a"] * 900 + ["b"] * 90 + ["c"] * 10)
-    keep = metrics.stratified_subsample(labels, 100, seed=0)
-    assert keep.size == 100
-    assert dict(zip(*np.unique(labels[keep], return_counts=True), strict=True)) == {
-        "a": 90,
-        "b": 9,
-        "c": 1,
-    }
-    assert np.array_equal(keep, metrics.stratified_subsample(labels, 100, seed=0))
-    assert np.array_equal(metrics.stratified_subsample(labels, 5000), np.arange(1000))
-
-
 def test_bio_conservation_is_stable_across_resampling_seeds_on_real_cells(pbmc):
     from sklearn.decomposition import PCA
 

@@ -14,7 +14,8 @@ import scipy.sparse as sp
 
 from melvae.data.loader import batches, dense_rows
 from melvae.preprocess import Preprocessor, align_genes, column_stats
-from melvae.study.objective import EVAL_MAX_CELLS, PreparedData, metric_cells
+from melvae.study.objective import PreparedData
+from melvae.study.scoring import EVAL_MAX_CELLS, metric_cells
 from melvae.subsample import stratified_subsample
 
 # A child process that caps its own address space at what it uses after the imports plus
@@ -25,7 +26,8 @@ import re, resource, sys
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd, torch
 from melvae.model import MelVAE
 from melvae.preprocess import PreprocessConfig
-from melvae.study.objective import PreparedData, evaluate_model
+from melvae.study.objective import PreparedData
+from melvae.study.scoring import evaluate_model
 from melvae.train import TrainConfig
 
 rng = np.random.default_rng(0)

@@ -29,7 +29,17 @@ def _parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_GENESETS),
         help="libraries: reactome, kegg, go_bp, comma-separated and/or GMT paths",
     )
-    parser.add_argument("--out", type=Path, default=Path("analysis"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("analysis"),
+        help="output folder: new or empty (default analysis/)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it holds a previous melvae analysis (and nothing else)",
+    )
     parser.add_argument("--method", choices=("knn", "logreg"), default="knn")
     parser.add_argument("--threshold", type=float, default=0.5, help="confidence to assign")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default mlruns/mlflow.db)")
@@ -48,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             label_key=args.label_key,
             genesets=genesets,
             out=args.out,
+            overwrite=args.overwrite,
             tracking_uri=args.tracking_uri,
             method=args.method,
             threshold=args.threshold,

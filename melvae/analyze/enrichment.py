@@ -6,9 +6,10 @@ the model's genes, so a pathway can only be "enriched" in genes the model could 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -89,6 +90,9 @@ def ranked_enrichment(
 ) -> pd.DataFrame:
     """GSEA-style test of a ranked gene list (gene -> score) with blitzgsea.
 
+    Identical results for a seed (see `_reproducible_blitzgsea`); the leading edge includes
+    the gene at the running sum's peak.
+
     `nes` > 0 means the set sits at the high-score end. Columns: `RANKED_COLUMNS`, sorted by p;
     `leading_edge` lists the leading-edge genes from the extreme end inwards, comma-joined.
     """
@@ -110,21 +114,17 @@ def ranked_enrichment(
     if not tested:
         return pd.DataFrame(columns=RANKED_COLUMNS)
 
-    # Imported here: blitzgsea imports matplotlib.pyplot and sets mpmath precision on import.
-    import blitzgsea
-
     signature = pd.DataFrame({"gene": values.index, "score": values.to_numpy(dtype=float)})
-    # blitzgsea's single-process path is broken (1.3.54 calls estimate_anchor with a missing
-    # argument), so it always runs with a pool of at least 2 workers. Its signature cache is off
-    # because the cached null depends on the library's set sizes; errstate undoes its np.seterr.
-    with np.errstate():
+    # Its signature cache is off because the cached null depends on the library's set sizes;
+    # errstate undoes its np.seterr.
+    with np.errstate(), _reproducible_blitzgsea() as blitzgsea:
         result = blitzgsea.gsea(
             signature,
             {term: list(genes) for term, genes in tested.items()},
             permutations=permutations,
             min_size=min_size,
             max_size=max_size,
-            processes=max(2, min(4, os.cpu_count() or 2)),
+            processes=1,
             seed=seed,
             signature_cache=False,
         )
@@ -143,6 +143,51 @@ def ranked_enrichment(
         }
     )
     return table.sort_values(["p", "term"], ignore_index=True)
+
+
+@contextlib.contextmanager
+def _reproducible_blitzgsea() -> Iterator[Any]:
+    """blitzgsea (1.3.x) made reproducible and its leading edge complete, for one call.
+
+    - Its null draws use numpy's global generator, which it seeds once and its worker pool then
+      shares out in whatever order the workers take anchors: results changed run to run. Here
+      the calibration runs in this process (its single-process path misses an argument, given
+      here) and each anchor's draws are seeded from its own seed, so a seed fixes the result.
+    - Its leading edge stops one short of the peak (`range(peak)`), dropping the peak gene;
+      here it runs up to and including the peak.
+    numpy's global generator and blitzgsea's functions are restored afterwards.
+    """
+    # Imported here: blitzgsea imports matplotlib.pyplot and sets mpmath precision on import.
+    import blitzgsea
+
+    originals = {
+        name: getattr(blitzgsea, name)
+        for name in ("estimate_anchor", "get_peak_size_adv", "get_leading_edge")
+    }
+
+    def estimate_anchor(*args: Any, ks_disable: bool = False) -> Any:
+        return originals["estimate_anchor"](*args, ks_disable)
+
+    def get_peak_size_adv(abs_signature: Any, number_hits: int, permutations: int, seed: int):
+        np.random.seed(int(seed) % 2**32)
+        return originals["get_peak_size_adv"](abs_signature, number_hits, permutations, seed)
+
+    def get_leading_edge(running: Any, ranked: Any, gene_set: Any, signature_map: Any) -> str:
+        hits = np.array(sorted({signature_map[g] for g in gene_set if g in signature_map}))
+        peak, trough = int(np.argmax(running)), int(np.argmin(running))
+        edge = hits[hits <= peak] if running[peak] > abs(running[trough]) else hits[hits >= trough]
+        return ",".join(ranked.index[edge])
+
+    state = np.random.get_state()
+    blitzgsea.estimate_anchor = estimate_anchor
+    blitzgsea.get_peak_size_adv = get_peak_size_adv
+    blitzgsea.get_leading_edge = get_leading_edge
+    try:
+        yield blitzgsea
+    finally:
+        for name, function in originals.items():
+            setattr(blitzgsea, name, function)
+        np.random.set_state(state)
 
 
 def _order_leading_edge(edge: str, scores: pd.Series, *, positive: bool) -> str:

@@ -7,10 +7,10 @@ folder) and logs the same files to MLflow as one run linked to the model version
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import shutil
-import tempfile
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +34,20 @@ from melvae.analyze.interpret import (
     latent_correlation,
     top_genes,
 )
+from melvae.analyze.output import check_destination, write_folder
 from melvae.analyze.report import render_report
 from melvae.analyze.transfer import UNASSIGNED, transfer_labels, transfer_metrics
 from melvae.data.datasets import load_dataset
+from melvae.data.validate import validate_expression, warn_outside_training_range
 from melvae.errors import InputError
+from melvae.faultpoint import stop_point
+from melvae.model import MelVAE
 from melvae.plot import tsne_coordinates
 from melvae.preprocess import split_cells
 from melvae.register import load_model, model_name
 from melvae.study.config import DEFAULT_STUDY, load_study_config
+from melvae.study.recovery import end_runs_of_dead_workers, worker_id
+from melvae.study.storage import check_tracking_uri, sqlite_file_missing
 
 log = logging.getLogger(__name__)
 
@@ -193,19 +199,44 @@ def analyze(
     label_key: str | None = None,
     genesets: Sequence[str] = DEFAULT_GENESETS,
     out: Path = Path("analysis"),
+    overwrite: bool = False,
     tracking_uri: str | None = None,
     method: str = "knn",
     threshold: float = 0.5,
     n_genes: int = 100,
     log_to_mlflow: bool = True,
 ) -> AnalysisResult:
-    """Run the whole analysis; see the module docstring. Returns what it wrote."""
-    track.use_backend(tracking_uri)
+    """Run the whole analysis; see the module docstring. Returns what it wrote.
+
+    Everything that can be checked is checked before computing: the tracking URI, the output
+    folder (`overwrite` replaces only a previous melvae analysis), the model, the cells. Only
+    reads the tracking backend: without a database there a local model folder is analysed and
+    nothing is logged; a registered model is an error.
+    """
+    resolved = track.resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(resolved)
+    check_destination(out, overwrite=overwrite, protected=_tracking_folder(resolved))
+    has_backend = not sqlite_file_missing(resolved)
+    local_model = model_uri is not None and urllib.parse.urlsplit(model_uri).scheme in ("", "file")
+    if not has_backend and not local_model:
+        raise InputError(
+            f"there is no tracking database at {resolved}, so no registered model to analyse",
+            where="--tracking-uri (default sqlite:///mlruns/mlflow.db)",
+            fix="run from the folder where `python -m melvae.study run` ran, pass "
+            "--tracking-uri, or --model with a folder written by MelVAE.save",
+        )
+    if not has_backend and log_to_mlflow:
+        log.info("no tracking database at %s: the analysis is not logged to MLflow", resolved)
+        log_to_mlflow = False
+    if has_backend:
+        track.use_backend(tracking_uri)
     uri = model_uri or default_model_uri()
     model = load_model(uri, tracking_uri=tracking_uri)
-    source = resolve_source(uri)
+    source = resolve_source(uri) if has_backend else ModelSource(uri, None, None, None, None, {})
     libraries = load_libraries(list(genesets))
     ref_cells, query_cells, key = _cells(source, reference, query, label_key)
+    for role, cells, path in (("reference", ref_cells, reference), ("query", query_cells, query)):
+        check_cells(model, cells, source=str(path) if path else f"the model's own {role} cells")
 
     ref_latent = model.embed(ref_cells).obsm["X_melvae"]
     query_latent = model.embed(query_cells).obsm["X_melvae"]
@@ -274,7 +305,11 @@ def analyze(
         dimension_ends=ends,
         enrichment=enrichment,
     )
-    _write_outputs(out, tables, metrics, figures, html)
+    write_folder(
+        out,
+        functools.partial(_write_files, tables=tables, metrics=metrics, figures=figures, html=html),
+        manifest={"written_by": "melvae.analyze", "model": uri, "model_version": source.version},
+    )
     run_id = _log_run(out, source, metrics) if log_to_mlflow else None
     return AnalysisResult(
         out=out,
@@ -353,40 +388,49 @@ def _figures(
     return figures
 
 
-def _write_outputs(
-    out: Path,
+def _write_files(
+    folder: Path,
+    *,
     tables: dict[str, pd.DataFrame],
     metrics: dict[str, Any] | None,
     figures: dict[str, Figure],
     html: str,
 ) -> None:
-    """Write everything into a sibling temp folder, then swap it in: no partial output folder."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)
-    try:
-        for name, table in tables.items():
-            table.to_csv(staging / name, sep="\t")
-        (staging / "transfer_metrics.json").write_text(
-            json.dumps(
-                metrics if metrics is not None else {"skipped": "query has no labels"}, indent=2
-            )
+    """The analysis' tables, metrics, figures and report, into `folder`."""
+    for name, table in tables.items():
+        table.to_csv(folder / name, sep="\t")
+    skipped = {"skipped": "query has no labels"}
+    (folder / "transfer_metrics.json").write_text(
+        json.dumps(metrics if metrics is not None else skipped, indent=2)
+    )
+    for name, figure in figures.items():
+        figure.savefig(folder / name, dpi=120, bbox_inches="tight")
+    (folder / "report.html").write_text(html)
+
+
+def _tracking_folder(uri: str) -> Path | None:
+    """The folder of a local SQLite tracking database (mlruns/), which --out must not touch."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).parent
+
+
+def check_cells(model: MelVAE, cells: ad.AnnData, *, source: str) -> None:
+    """The study's own validation on cells to analyse, plus a warning for wrong units.
+
+    NaN, infinite or (where the model's training data had none) negative values are an
+    InputError naming the file, cell and gene; values far beyond the training range warn with
+    the fraction that the model's transform clips.
+    """
+    p = model.preprocessor
+    negative_trained = (
+        p.transform == "minmax" and p.offset is not None and bool(np.any(p.offset < 0))
+    )
+    validate_expression(cells, source=source, require_nonnegative=not negative_trained)
+    if p.transform == "minmax" and p.offset is not None and p.scale is not None:
+        warn_outside_training_range(
+            cells, p.genes, low=p.offset, high=p.offset + p.scale, source=source
         )
-        for name, figure in figures.items():
-            figure.savefig(staging / name, dpi=120, bbox_inches="tight")
-        (staging / "report.html").write_text(html)
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            out.rename(retired)
-            staging.rename(out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _log_run(out: Path, source: ModelSource, metrics: dict[str, Any] | None) -> str:
@@ -395,7 +439,9 @@ def _log_run(out: Path, source: ModelSource, metrics: dict[str, Any] | None) -> 
         "melvae-analysis", mlflow.get_tracking_uri()
     )
     name = f"analysis-{source.name or 'model'}-v{source.version or '?'}"
+    end_runs_of_dead_workers(experiment_id)
     tags = {
+        "worker": worker_id(),
         "role": "analysis",
         "model_uri": source.uri,
         "model_version": source.version or "",
@@ -411,4 +457,5 @@ def _log_run(out: Path, source: ModelSource, metrics: dict[str, Any] | None) -> 
                 }
             )
         track.log_folder(out)
+        stop_point("analysis-logged")
         return run_id

@@ -122,14 +122,26 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
             )
 
 
-def validate_labels(adata: ad.AnnData, label_key: str | None, *, source: str) -> str | None:
+def validate_labels(
+    adata: ad.AnnData, label_key: str | None, *, source: str, required: bool = False
+) -> str | None:
     """Return the label column to use, or None (with a warning) when there is none.
 
-    Training works without labels; only the label-based metrics are skipped.
+    Training works without labels; only the label-based metrics are skipped. A column the user
+    named (`required`, e.g. `[data] label_key` of a study file) must exist: a typo would
+    otherwise turn a labelled study into a fit-only one.
     """
     if label_key is None:
         logger.warning("%s: no label column given; label metrics will be skipped", source)
         return None
+    if required and label_key not in adata.obs:
+        raise InputError(
+            f"the label column {label_key!r} is not in the data (columns: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'})",
+            where=f"{source}, obs columns; the study file's [data] label_key",
+            fix="correct [data] label_key to one of those columns, or remove it to train "
+            "without labels",
+        )
     if label_key not in adata.obs:
         logger.warning(
             "%s has no obs column %r (columns: %s); training still works but label metrics "
@@ -161,3 +173,49 @@ def validate_labels(adata: ad.AnnData, label_key: str | None, *, source: str) ->
             label_key,
         )
     return label_key
+
+
+# A value beyond the training range by more than this many training ranges counts as far out;
+# the warning fires when at least FAR_FRACTION of the values are.
+FAR_RANGES = 1.0
+FAR_FRACTION = 0.01
+
+
+def warn_outside_training_range(
+    adata: ad.AnnData,
+    genes: list[str],
+    *,
+    low: np.ndarray,
+    high: np.ndarray,
+    source: str,
+) -> float:
+    """Warn when cells lie far outside a model's per-gene training range (wrong units?).
+
+    `low`/`high`: the training minimum and maximum of each of `genes`; genes the cells lack are
+    ignored. Returns the fraction of values outside [low, high] (what a min-max model clips).
+    """
+    columns = adata.var_names.get_indexer(genes)
+    present = columns >= 0
+    if not present.any() or adata.n_obs == 0:
+        return 0.0
+    x = adata.X[:, columns[present]]
+    low, high = np.asarray(low)[present], np.asarray(high)[present]
+    span = np.maximum(high - low, np.finfo(np.float64).tiny)
+    clipped = far = 0
+    for start in range(0, adata.n_obs, _ROWS_PER_BLOCK):
+        block = x[start : start + _ROWS_PER_BLOCK]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=np.float64)
+        clipped += int(np.count_nonzero((block < low) | (block > high)))
+        beyond = np.maximum(low - block, block - high) / span
+        far += int(np.count_nonzero(beyond > FAR_RANGES))
+    total = adata.n_obs * int(present.sum())
+    if far >= FAR_FRACTION * total:
+        logger.warning(
+            "%s: %.1f%% of the values lie outside the model's training range and are clipped "
+            "(%.1f%% by more than the range itself); are they in the units the model was "
+            "trained on (e.g. log-normalised, not raw counts)?",
+            source,
+            100 * clipped / total,
+            100 * far / total,
+        )
+    return clipped / total

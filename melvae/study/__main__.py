@@ -38,6 +38,7 @@ from melvae.study.storage import (
     check_storage_url,
     check_tracking_uri,
     redact_url,
+    sqlite_file_missing,
 )
 from melvae.tuning import TuneResult, tune
 
@@ -252,6 +253,8 @@ def _summary(result: TuneResult) -> int:
         print("no completed trial: nothing registered")
         return 1
     verdict = "is now @champion" if reg.promoted else "did not beat the @champion"
+    if reg.refused:
+        verdict = f"left out of the @champion comparison: {reg.refused}"
     print(f"registered {reg.name} version {reg.version}: {verdict}")
     print(f"load it: melvae.load_model('models:/{reg.name}@champion')")
     print("browse it: python -m melvae.study ui")
@@ -275,7 +278,10 @@ def _find_study(args: argparse.Namespace, config: StudyConfig) -> optuna.Study:
     keys = [args.dataset] if args.dataset else [k for k in (config.dataset, config.fallback) if k]
     names = [config.study_name(key) for key in keys]
     check_storage_url(args.storage)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(args.storage)}
+    if sqlite_file_missing(args.storage):  # only reads: never create the database here
+        existing = set()
+    else:
+        existing = {s.study_name for s in optuna.get_all_study_summaries(args.storage)}
     for name in names:
         if name in existing:
             return optuna.load_study(study_name=name, storage=args.storage)
@@ -324,6 +330,8 @@ def _promote(args: argparse.Namespace) -> int:
         print("no completed trial: nothing registered")
         return 1
     state = "promoted to @champion" if registration.promoted else "not better than @champion"
+    if registration.refused:
+        state = f"not compared with @champion: {registration.refused}"
     print(f"{registration.name} version {registration.version}: {state}")
     return 0
 

@@ -23,18 +23,12 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from melvae import track
+from melvae.faultpoint import stop_point
 from melvae.preprocess import Preprocessor, align_genes
 from melvae.register import load_model
 from melvae.study.config import StudyConfig
-from melvae.study.objective import (
-    EPOCHS_ATTR,
-    Embedding,
-    PreparedData,
-    bio_metrics,
-    evaluate_model,
-    fit_with_params,
-    metric_cells,
-)
+from melvae.study.objective import EPOCHS_ATTR, PreparedData, fit_with_params
+from melvae.study.scoring import Embedding, SplitScores, metric_cells
 
 PCA_SIZES = (10,)  # besides the champion's own latent size
 LOWER_IS_BETTER = {"davies_bouldin"}
@@ -56,21 +50,18 @@ class PCAEmbedding:
     def encode(self, adata: ad.AnnData) -> np.ndarray:
         return self.pca.transform(self._prepare(adata))
 
-    def reconstruct(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    def encode_and_reconstruct(
+        self, adata: ad.AnnData
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = self._prepare(adata)
-        return x, self.pca.inverse_transform(self.pca.transform(x))
+        latent = self.pca.transform(x)
+        return latent, x, self.pca.inverse_transform(latent)
 
 
 def score(model: Embedding, data: PreparedData) -> dict[str, float]:
     """Validation metrics, selection score and held-out test_* metrics, as trials log them."""
-    metrics = evaluate_model(model, data, "val")
-    metrics |= bio_metrics(model, data)
-    return metrics | score_champion(model, data)
-
-
-def score_champion(model: Embedding, data: PreparedData) -> dict[str, float]:
-    """The held-out test metrics (never used for selection), named test_<metric>."""
-    return {f"test_{name}": value for name, value in evaluate_model(model, data, "test").items()}
+    scores = SplitScores(model, data)
+    return scores.final("val") | scores.bio() | scores.test()
 
 
 @dataclass(frozen=True)
@@ -130,6 +121,7 @@ def run_baselines(
         run_name = f"baseline-{baseline.name}"
         with track.nested_run(experiment_id, run_name=run_name, tags=tags):
             track.log_params(baseline.params)
+            stop_point("baseline")
             trained = trained_as_trial(baseline, completed, epochs_cap)
             if trained is None:
                 model = build(baseline, config, data, epochs_cap=epochs_cap, progress=progress)

@@ -1,10 +1,11 @@
-"""The Optuna objective: one trial trains a VAE, evaluates it, and tracks it as an MLflow run."""
+"""The Optuna objective: one trial trains a VAE, scores it (`melvae.study.scoring`), and tracks
+it as an MLflow run."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -12,7 +13,6 @@ import optuna
 
 from melvae import track
 from melvae.device import resolve_device
-from melvae.evaluate import bio_conservation, evaluate_latent
 from melvae.model import MelVAE
 from melvae.params import select
 from melvae.plot import loss_curves, tsne_embedding
@@ -20,21 +20,9 @@ from melvae.preprocess import Preprocessor
 from melvae.register import log_trial_model
 from melvae.study.config import StudyConfig, split_pair
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
-from melvae.subsample import stratified_subsample
+from melvae.study.scoring import EVAL_MAX_CELLS, SplitScores
 from melvae.train import EpochCallback, NonFiniteLossError
 
-FINAL_METRICS = (
-    "silhouette",
-    "davies_bouldin",
-    "knn_accuracy",
-    "knn_macro_f1",
-    "ari",
-    "nmi",
-    "recon_corr",
-)
-# Final metrics and the t-SNE use at most this many cells of a split (a stratified subsample,
-# the same for every trial): silhouette is quadratic in cells and t-SNE worse.
-EVAL_MAX_CELLS = 5000
 # The epoch budget a trial trained with (after `run --epochs`), so baselines can reuse it.
 EPOCHS_ATTR = "epochs_budget"
 
@@ -81,58 +69,6 @@ def suggest_params(trial: optuna.Trial, config: StudyConfig) -> dict[str, Any]:
                 param.name, float(param.low), float(param.high), log=param.log
             )
     return params
-
-
-class Embedding(Protocol):
-    """What scoring needs of a model: a latent for cells and their reconstruction."""
-
-    def encode(self, adata: ad.AnnData) -> np.ndarray: ...
-
-    def reconstruct(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def metric_cells(data: PreparedData, split: str) -> tuple[ad.AnnData, np.ndarray | None]:
-    """The split's cells that final metrics are computed on, and their labels: all cells up to
-    EVAL_MAX_CELLS, else a stratified subsample of that size (a view, not a copy)."""
-    cells, labels = getattr(data, split), data.labels(split)
-    strata = np.zeros(cells.n_obs) if labels is None else labels
-    keep = stratified_subsample(strata, EVAL_MAX_CELLS, seed=0)
-    if keep.size == cells.n_obs:
-        return cells, labels
-    return cells[keep], None if labels is None else labels[keep]
-
-
-def evaluate_model(model: Embedding, data: PreparedData, split: str = "val") -> dict[str, float]:
-    """Final metrics of a trained model on one held-out split (k-NN fitted on the train latent).
-
-    Both the split and the k-NN's training reference are bounded by `metric_cells` (at most
-    EVAL_MAX_CELLS cells each, stratified), so scoring a million-cell atlas costs as much as
-    scoring a small one.
-    """
-    cells, labels = metric_cells(data, split)
-    train, train_labels = metric_cells(data, "train")
-    x, x_hat = model.reconstruct(cells)
-    return evaluate_latent(
-        train_latent=model.encode(train),
-        train_labels=train_labels,
-        val_latent=model.encode(cells),
-        val_labels=labels,
-        val_x=x,
-        val_x_hat=x_hat,
-    )
-
-
-def bio_metrics(model: Embedding, data: PreparedData) -> dict[str, float]:
-    """The selection score (`bio_score` and its parts) on the labelled train + validation cells
-    (each bounded by `metric_cells`).
-
-    Empty for unlabelled data. The test split is never scored here: it stays for final numbers.
-    """
-    if data.label_key is None:
-        return {}
-    (train, train_labels), (val, val_labels) = (metric_cells(data, s) for s in ("train", "val"))
-    latent = np.concatenate([model.encode(train), model.encode(val)])
-    return bio_conservation(latent, np.concatenate([train_labels, val_labels]))
 
 
 def fit_with_params(
@@ -205,17 +141,17 @@ class Objective:
             except NonFiniteLossError as exc:
                 trial.set_user_attr("fail_reason", str(exc))
                 raise
-            metrics = evaluate_model(model, self.data)
+            scores = SplitScores(model, self.data)  # each split encoded once
+            metrics = scores.final("val")
             metrics["best_epoch"] = float(model.history.best_epoch)
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
-            metrics |= bio_metrics(model, self.data)
+            metrics |= scores.bio()
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), "plots/loss.png")
-            tsne_cells, tsne_labels = metric_cells(self.data, "val")
             track.log_figure(
                 tsne_embedding(
-                    model.encode(tsne_cells),
-                    tsne_labels,
+                    scores.latent("val"),
+                    scores.cells("val")[1],
                     title=f"trial {trial.number}: validation latent (t-SNE)",
                 ),
                 "plots/tsne.png",

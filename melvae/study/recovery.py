@@ -9,6 +9,7 @@ import signal
 import socket
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import optuna
@@ -90,3 +91,59 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
             reason=f"worker stopped sending heartbeats during trial {trial.number} "
             f"(killed or lost); failed by {worker_id()}",
         )
+
+
+def end_runs_of_dead_workers(experiment_id: str) -> list[str]:
+    """End FAILED (with a reason) the runs a dead melvae process of this machine left RUNNING.
+
+    Parent, analysis and other top-level runs carry the `worker` tag (host:pid); when that
+    process no longer exists, the run and every run nested under it that is still RUNNING
+    (baselines) are ended, unless one of those is a trial run: the heartbeat check handles
+    those, as it does for processes on other machines, which cannot be checked from here.
+    Returns the ended runs' ids.
+    """
+    host = socket.gethostname()
+    running = track.running_runs(experiment_id)
+    # A dead worker's run with a trial still running is the heartbeat check's (it fails and
+    # retries the trial, then ends both runs): left to it here.
+    in_trial = {
+        run.data.tags.get("mlflow.parentRunId")
+        for run in running
+        if "trial_number" in run.data.tags
+    }
+    dead: dict[str, str] = {}
+    for run in running:
+        worker_host, _, pid = run.data.tags.get("worker", "").rpartition(":")
+        alive = not pid.isdigit() or process_alive(int(pid))
+        if worker_host == host and not alive and run.info.run_id not in in_trial:
+            dead[run.info.run_id] = run.data.tags["worker"]
+    ended = []
+    for run in running:
+        run_id = run.info.run_id
+        owner = dead.get(run_id) or dead.get(run.data.tags.get("mlflow.parentRunId", ""))
+        if owner is None:
+            continue
+        track.fail_run(
+            run_id,
+            reason=f"its process {owner} ended without closing it (killed or crashed); "
+            f"failed by {worker_id()}",
+        )
+        ended.append(run_id)
+    if ended:
+        log.warning("ended %d run(s) left RUNNING by dead processes: %s", len(ended), ended)
+    return ended
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"

@@ -23,17 +23,14 @@ from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study import workers
-from melvae.study.baselines import (
-    comparison_table,
-    margins_over_best,
-    run_baselines,
-    score_champion,
-)
+from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
-from melvae.study.objective import FINAL_METRICS, Objective, PreparedData
+from melvae.study.identity import check_identity
+from melvae.study.objective import Objective, PreparedData
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import epoch_pruner
-from melvae.study.recovery import requeue_when_stopped, worker_id
+from melvae.study.recovery import end_runs_of_dead_workers, requeue_when_stopped, worker_id
+from melvae.study.scoring import FINAL_METRICS, SplitScores
 from melvae.study.selection import SelectionRule, completed_with_model, select_champion
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -82,7 +79,12 @@ def prepare_data(
         source=source,
         require_nonnegative=bool(config.transforms() & {"log1p", "counts"}),
     )
-    label_key = validate_labels(adata, config.label_key or dataset.label_key, source=source)
+    label_key = validate_labels(
+        adata,
+        config.label_key or dataset.label_key,
+        source=source,
+        required=config.label_key is not None,
+    )
     # Views, not copies: each split is an index into the one matrix read from disk, and its
     # rows are only materialised where a step reads them (one split at a time).
     if label_key is not None and adata.obs[label_key].isna().any():
@@ -171,6 +173,7 @@ def _create_study(
         directions=config.directions,
         load_if_exists=True,
     )
+    check_identity(study, config, where=redact_url(str(getattr(storage, "url", "storage"))))
     if not study.metric_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -293,6 +296,7 @@ def run_study(
     config = config_for_data(config, data, announce=summarise)
     study = create_study(config, data.dataset_key, storage, heartbeat=heartbeat)
     tracking_uri, experiment_id = create_experiment(study.study_name, tracking_uri)
+    end_runs_of_dead_workers(experiment_id)
     tags = {"study": study.study_name, "dataset": data.dataset_key, "role": "study-run"}
     tags["worker"] = worker_id()
     if data.fallback_reason is not None:
@@ -426,7 +430,7 @@ def score_on_test_step(
 ) -> dict[str, float]:
     """The champion's held-out test metrics (never used for selection), on the parent run and
     in the study's user attributes."""
-    metrics = score_champion(champion, data)
+    metrics = SplitScores(champion, data).test()
     track.log_metrics(metrics)
     study.set_user_attr(CHAMPION_TEST_ATTR, {"trial": best.number, **metrics})
     return metrics

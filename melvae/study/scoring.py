@@ -120,3 +120,8 @@ class SplitScores:
     def test(self) -> dict[str, float]:
         """The held-out test metrics, named test_<metric>."""
         return {f"test_{name}": value for name, value in self.final("test").items()}
+
+
+def evaluate_model(model: Embedding, data: PreparedData, split: str = "val") -> dict[str, float]:
+    """The final metrics of `model` on one split: `SplitScores(model, data).final(split)`."""
+    return SplitScores(model, data).final(split)

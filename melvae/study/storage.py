@@ -66,6 +66,13 @@ def check_tracking_uri(uri: str) -> None:
         )
 
 
+def sqlite_file_missing(url: str) -> bool:
+    """True for a SQLite URL whose database file does not exist (opening it would create it)."""
+    if not url.startswith("sqlite:///") or ":memory:" in url:
+        return False
+    return not Path(url.removeprefix("sqlite:///")).is_file()
+
+
 def open_storage(url: str, *, heartbeat: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
     """Optuna RDB storage with heartbeats: a dead worker's trial is failed and retried."""
     engine_kwargs = {}
@@ -95,18 +102,36 @@ def first_time_lock(url: str) -> Iterator[None]:
     PostgreSQL: a session-level advisory lock, held by every machine's workers alike.
     Other backends: no lock (their own transactions decide).
     """
+    with _database_lock(url, suffix=".lock", key=_ADVISORY_LOCK_KEY):
+        yield
+
+
+@contextlib.contextmanager
+def promotion_lock(url: str) -> Iterator[None]:
+    """Serialise registering and promoting on one MLflow backend (its own lock, as above).
+
+    Comparing with the champion and moving the alias is one read-then-write: without the lock
+    two promotions at the same moment could both win, or a worse one overwrite a better one.
+    An MLflow server (http) cannot be locked from here: its promotions are not serialised.
+    """
+    with _database_lock(url, suffix=".promote.lock", key=_ADVISORY_LOCK_KEY + 1):
+        yield
+
+
+@contextlib.contextmanager
+def _database_lock(url: str, *, suffix: str, key: int) -> Iterator[None]:
     scheme = urllib.parse.urlsplit(url).scheme.split("+")[0]
     if scheme == "sqlite" and url.startswith("sqlite:///") and ":memory:" not in url:
         path = Path(url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{path}.lock"):
+        with FileLock(f"{path}{suffix}"):
             yield
     elif scheme == "postgresql":
         engine = sqlalchemy.create_engine(url, poolclass=NullPool)
         try:
             with engine.connect() as connection:
                 lock = sqlalchemy.text("SELECT pg_advisory_lock(:key)")
-                connection.execute(lock, {"key": _ADVISORY_LOCK_KEY})
+                connection.execute(lock, {"key": key})
                 connection.commit()
                 yield
         finally:
