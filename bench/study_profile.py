@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Each part: the functions whose (exclusive) time it is, as module:attribute where they are
-# looked up when called.
+# Each part: the functions whose (exclusive) time it is, as module:attribute (or
+# module:Class.method) where they are looked up when called.
 PARTS: dict[str, tuple[str, ...]] = {
     "data: read, validate, preprocess": ("melvae.study.runner:prepare_data",),
     "creating study + MLflow tables": (
@@ -34,8 +34,8 @@ PARTS: dict[str, tuple[str, ...]] = {
     ),
     "training (epochs' training passes)": ("melvae.train:_train_epoch",),
     "validation loss (per epoch)": ("melvae.train:evaluate_loss",),
-    "final metrics (validation split)": ("melvae.study.objective:evaluate_model",),
-    "bio_score": ("melvae.study.objective:bio_metrics",),
+    "final metrics (validation split)": ("melvae.study.scoring:SplitScores.final",),
+    "bio_score": ("melvae.study.scoring:SplitScores.bio",),
     "t-SNE": ("melvae.plot:tsne_coordinates",),
     "plots (figures)": (
         "melvae.study.objective:loss_curves",
@@ -52,7 +52,10 @@ PARTS: dict[str, tuple[str, ...]] = {
         "melvae.track:top_level_run",
         "melvae.study.objective:log_trial_model",
     ),
-    "baselines": ("melvae.study.runner:run_baselines", "melvae.study.runner:score_champion"),
+    "baselines, champion on test": (
+        "melvae.study.runner:baselines_step",
+        "melvae.study.runner:score_on_test_step",
+    ),
     "registration": ("melvae.study.runner:promote_best", "melvae.study.runner:load_model"),
 }
 
@@ -127,12 +130,15 @@ def instrument(clock: Clock) -> None:
     """Replace every function named in PARTS by its timed version."""
     for part, names in PARTS.items():
         for name in names:
-            module_name, attribute = name.split(":")
-            module = importlib.import_module(module_name)
-            function = getattr(module, attribute)
+            module_name, path = name.split(":")
+            owner = importlib.import_module(module_name)
+            *outer, attribute = path.split(".")
+            for step in outer:
+                owner = getattr(owner, step)
+            function = getattr(owner, attribute)
             contexts = ("trial_run", "top_level_run")
             wrap = clock.timed_context if attribute in contexts else clock.timed
-            setattr(module, attribute, wrap(part, function))
+            setattr(owner, attribute, wrap(part, function))
 
 
 def _offline(folder: Path) -> None:
