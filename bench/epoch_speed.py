@@ -1,50 +1,73 @@
-"""One epoch of the original configuration: melvae vs a naive loop and the matrix-product floor.
+"""One epoch at three shapes: melvae vs a naive loop, the five products, and products + Adam.
 
-The original study's setting: GSE115978-sized data (2,761 cells × 17,994 genes, ~25 % non-zero,
-values in [0, 1]), split 70/15/15, hidden 256, latent 5, batch 32, Adam lr 1e-3, Bernoulli loss.
-These are timed side by side in this one process, alternating, best of `--repeats`:
+The shapes users train: the original study's full-gene configuration (2,761 cells × 17,994
+genes, hidden 256, batch 32), the default study's 2,000 highly variable genes (same cells), and
+the PBMC fallback (700 cells × 765 genes, hidden 512, batch 64). Cells are split 70/15/15 and
+values lie in [0, 1] (Bernoulli loss, latent 5, Adam lr 1e-3). For each shape, timed side by
+side in this one process, alternating, best of `--repeats`:
 
-- melvae: `train_vae` on the CSR training split; an epoch includes its validation pass (the
-  targets are judged on that); its training pass alone is timed with a 1-cell validation set;
+- melvae: `train_vae` on the training split (CSR for the synthetic sparse shapes, dense for
+  PBMC-like data, as the study passes them); an epoch includes its validation pass;
 - naive: a re-implementation of the original notebook's loop on a dense tensor (default Adam,
-  `loss.item()` every batch), same cells, same batches;
-- floor: only the five matrix products every batch-32 step must do (encoder and decoder
-  forward, decoder weight and hidden gradients, encoder weight gradient), same number of steps,
-  twice: laid out the plain way (`nn.Linear`'s), and as `melvae.layers` arranges them (the lower
-  of the two is the honest floor);
-- floor + Adam: the arranged products followed by a fused Adam step on the weights they make
-  gradients for, in one loop: the least any Adam-trained step does (no activations, losses or
-  autograd), which shows how far the targets are within reach on this machine.
+  `loss.item()` every batch), same cells, same batch size;
+- 5 products: only the five matrix products every step must do (encoder and decoder forward,
+  decoder weight and hidden gradients, encoder weight gradient), laid out as `melvae.layers`
+  does for that shape;
+- bound: those products followed by a fused Adam step over all the model's parameter shapes, in
+  one loop: the least any Adam-trained step does (no activations, losses, autograd, validation).
 
 Wall and process-CPU seconds are both printed: on a machine shared with other jobs the CPU time
-is the steadier measure of the work done (with 1 thread it is exactly that; with 2, idle spinning
-of torch's thread pool counts too).
+(exactly the work with 1 thread) is the steadier measure; the ratios use CPU time.
 
-    python bench/epoch_speed.py [--epochs 3] [--repeats 3] [--threads 2]
+    python bench/epoch_speed.py [--epochs 2] [--repeats 3] [--threads 1] [--shapes 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sparse_batches import synthetic_tpm
 from torch import nn
 
-from melvae.layers import input_gradient, linear_forward, weight_gradient
+from melvae.layers import MIN_WIDTH, input_gradient, linear_forward, weight_gradient
 from melvae.module import VAEModule
 from melvae.train import TrainConfig, train_vae
 
-CELLS, GENES, DENSITY, HIDDEN, LATENT, BATCH = 2761, 17994, 0.25, 256, 5, 32
+LATENT = 5
 
 
-def melvae_epoch(train_x, val_x, epochs: int) -> tuple[float, float]:
-    """(wall, CPU) seconds per epoch of melvae's training loop (training + validation pass)."""
-    module = VAEModule(GENES, HIDDEN, LATENT)
+@dataclass(frozen=True)
+class Shape:
+    cells: int
+    genes: int
+    hidden: int
+    batch: int
+    density: float
+    sparse: bool
+
+    def describe(self) -> str:
+        return f"{self.cells:,} x {self.genes:,}, h{self.hidden}, b{self.batch}"
+
+
+SHAPES = (
+    Shape(2761, 17994, 256, 32, 0.25, sparse=True),
+    Shape(2761, 2000, 256, 32, 0.25, sparse=True),
+    Shape(700, 765, 512, 64, 0.5, sparse=False),
+)
+Times = tuple[float, float]  # wall, CPU seconds
+
+
+def melvae_epoch(shape: Shape, train_x, val_x, epochs: int) -> Times:
+    """Seconds per epoch of melvae's training loop (training + validation pass)."""
+    module = VAEModule(shape.genes, shape.hidden, LATENT)
     config = TrainConfig(
-        epochs=epochs, batch_size=BATCH, early_stopping_patience=None, seed=0, device="cpu"
+        epochs=epochs, batch_size=shape.batch, early_stopping_patience=None, seed=0, device="cpu"
     )
     history = train_vae(module, train_x, val_x, config, progress=False)
     return min(history.epoch_seconds), min(history.epoch_cpu_seconds)
@@ -53,13 +76,13 @@ def melvae_epoch(train_x, val_x, epochs: int) -> tuple[float, float]:
 class NotebookVAE(nn.Module):
     """The original notebook's VAE, written the plain way."""
 
-    def __init__(self) -> None:
+    def __init__(self, genes: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(GENES, HIDDEN)
-        self.fc_mu = nn.Linear(HIDDEN, LATENT)
-        self.fc_logvar = nn.Linear(HIDDEN, LATENT)
-        self.fc3 = nn.Linear(LATENT, HIDDEN)
-        self.fc4 = nn.Linear(HIDDEN, GENES)
+        self.fc1 = nn.Linear(genes, hidden)
+        self.fc_mu = nn.Linear(hidden, LATENT)
+        self.fc_logvar = nn.Linear(hidden, LATENT)
+        self.fc3 = nn.Linear(LATENT, hidden)
+        self.fc4 = nn.Linear(hidden, genes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = F.relu(self.fc1(x))
@@ -68,15 +91,15 @@ class NotebookVAE(nn.Module):
         return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
 
 
-def naive_epoch(dense_train: torch.Tensor, epochs: int) -> tuple[float, float]:
+def naive_epoch(shape: Shape, dense_train: torch.Tensor, epochs: int) -> Times:
     """Seconds per epoch of the notebook loop: BCE + KL, default Adam, `.item()` per batch."""
-    model = NotebookVAE()
+    model = NotebookVAE(shape.genes, shape.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     times = []
     for _ in range(epochs):
         started = (time.perf_counter(), time.process_time())
         total = 0.0
-        for idx in torch.randperm(dense_train.shape[0]).split(BATCH):
+        for idx in torch.randperm(dense_train.shape[0]).split(shape.batch):
             x = dense_train[idx]
             recon, mu, logvar = model(x)
             bce = F.binary_cross_entropy(recon, x, reduction="sum")
@@ -90,113 +113,104 @@ def naive_epoch(dense_train: torch.Tensor, epochs: int) -> tuple[float, float]:
     return _best(times)
 
 
-def floor_epoch(dense_train: torch.Tensor, epochs: int) -> tuple[float, float]:
-    """Seconds per epoch spent in the five matrix products of each step, laid out plainly."""
-    w1, w4 = torch.randn(HIDDEN, GENES) * 0.01, torch.randn(GENES, HIDDEN) * 0.01
-    times = []
-    for _ in range(epochs):
-        started = (time.perf_counter(), time.process_time())
-        for x in dense_train.split(BATCH):
-            h = x @ w1.T  # encoder forward
-            out = h @ w4.T  # decoder output forward (stands in for its gradient below)
-            _ = out.T @ h  # decoder weight gradient
-            gh = out @ w4  # hidden-layer gradient
-            _ = x.T @ gh  # encoder weight gradient
-        times.append(_since(started))
-    return _best(times)
-
-
-def arranged_floor_epoch(
-    dense_train: torch.Tensor, epochs: int, *, adam: bool = False
-) -> tuple[float, float]:
-    """The same five products, each computed the way `melvae.layers.WideLinear` does it; with
-    `adam`, followed every step by the fused Adam update of the two weight matrices they make
-    gradients for (all but ~20 k of the model's 9.2 M weights): the least an Adam-trained step
-    can do."""
-    w1 = torch.nn.Parameter(torch.randn(HIDDEN, GENES) * 0.01)
-    w4 = torch.nn.Parameter(torch.randn(GENES, HIDDEN) * 0.01)
-    b1, b4 = torch.zeros(HIDDEN), torch.zeros(GENES)
-    optimizer = torch.optim.Adam([w1, w4], lr=1e-3, fused=True)
+def products_epoch(shape: Shape, dense_train: torch.Tensor, epochs: int, *, adam: bool) -> Times:
+    """The five products of each step, laid out as `melvae.layers.WideLinear` does for this
+    shape; with `adam`, followed every step by a fused Adam update of a model's worth of
+    parameters (the products' gradients for the two gene-facing weights, fixed ones for the
+    rest)."""
+    module = VAEModule(shape.genes, shape.hidden, LATENT)
+    params = list(module.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    w1, b1 = module.encoder[0].weight, module.encoder[0].bias
+    w4, b4 = module.decoder[-1].weight, module.decoder[-1].bias
+    arranged = max(shape.genes, shape.hidden) >= MIN_WIDTH
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
     times = []
     for _ in range(epochs):
         started = (time.perf_counter(), time.process_time())
         with torch.no_grad():
-            for x in dense_train.split(BATCH):
-                h = linear_forward(x, w1, b1)
-                out = linear_forward(h, w4, b4)
-                w4.grad = weight_gradient(out, h)
-                gh = input_gradient(out, w4)
-                w1.grad = weight_gradient(gh, x)
+            for x in dense_train.split(shape.batch):
+                if arranged:
+                    h = linear_forward(x, w1, b1)
+                    out = linear_forward(h, w4, b4)
+                    w4.grad = weight_gradient(out, h)
+                    gh = input_gradient(out, w4)
+                    w1.grad = weight_gradient(gh, x)
+                else:
+                    h = F.linear(x, w1, b1)
+                    out = F.linear(h, w4, b4)
+                    w4.grad = out.T @ h
+                    gh = out @ w4
+                    w1.grad = gh.T @ x
                 if adam:
                     optimizer.step()
         times.append(_since(started))
     return _best(times)
 
 
-def _since(started: tuple[float, float]) -> tuple[float, float]:
+def _since(started: Times) -> Times:
     return time.perf_counter() - started[0], time.process_time() - started[1]
 
 
-def _best(times: list[tuple[float, float]]) -> tuple[float, float]:
+def _best(times: list[Times]) -> Times:
     """Fastest wall and fastest CPU time (each minimum on its own)."""
     return min(t[0] for t in times), min(t[1] for t in times)
 
 
+def measure(shape: Shape, epochs: int, repeats: int) -> dict[str, Times]:
+    """Best-of-`repeats` epoch times of the four loops at `shape`, alternating."""
+    matrix = synthetic_tpm(shape.cells, shape.genes, shape.density)
+    n_val = n_test = round(shape.cells * 0.15)
+    train_x, val_x = matrix[n_val + n_test :], matrix[:n_val]
+    if not shape.sparse:
+        train_x, val_x = train_x.toarray(), val_x.toarray()
+    dense_train = torch.from_numpy(np.asarray(matrix[n_val + n_test :].toarray()))
+    timed = {
+        "melvae": lambda: melvae_epoch(shape, train_x, val_x, epochs),
+        "naive": lambda: naive_epoch(shape, dense_train, epochs),
+        "products": lambda: products_epoch(shape, dense_train, epochs, adam=False),
+        "bound": lambda: products_epoch(shape, dense_train, epochs, adam=True),
+    }
+    melvae_epoch(shape, train_x[:64], val_x[:64], 1)  # warm-up: lazy imports, first-touch pages
+    runs: dict[str, list[Times]] = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, run in timed.items():
+            runs[name].append(run())
+    return {name: _best(values) for name, values in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", default="0,1,2", help="which of the three (0-based)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    matrix = synthetic_tpm(CELLS, GENES, DENSITY)
-    n_val = n_test = round(CELLS * 0.15)
-    train_x, val_x = matrix[n_val + n_test :], matrix[:n_val]
-    dense_train = torch.from_numpy(train_x.toarray())
-
-    steps = -(-train_x.shape[0] // BATCH)
-    timed = {
-        "melvae": lambda: melvae_epoch(train_x, val_x, args.epochs),
-        "melvae_train": lambda: melvae_epoch(train_x, val_x[:1], args.epochs),
-        "naive": lambda: naive_epoch(dense_train, args.epochs),
-        "floor": lambda: floor_epoch(dense_train, args.epochs),
-        "arranged": lambda: arranged_floor_epoch(dense_train, args.epochs),
-        "adam": lambda: arranged_floor_epoch(dense_train, args.epochs, adam=True),
-    }
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timed}
-    melvae_epoch(train_x[:64], val_x[:64], 1)  # warm-up: lazy imports, first-touch pages
-    for _ in range(args.repeats):
-        for name, run in timed.items():
-            runs[name].append(run())
-    best = {name: _best(values) for name, values in runs.items()}
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     print(
-        f"one epoch: {train_x.shape[0]} training cells ({steps} steps of {BATCH}) + "
-        f"{val_x.shape[0]} validation cells × {GENES} genes, {DENSITY:.0%} non-zero, "
-        f"hidden {HIDDEN}, latent {LATENT}; torch {torch.__version__}, {args.threads} threads, "
-        f"best of {args.repeats} × {args.epochs} epochs"
+        f"one epoch (training split, 70 %, + validation pass for melvae); torch "
+        f"{torch.__version__}, {args.threads} thread(s), best of {args.repeats} x {args.epochs} "
+        f"epochs; load average {os.getloadavg()[0]:.1f} at start"
     )
-    print(f"{'':36s}{'wall s':>8s}{'CPU s':>8s}{'CPU ms/step':>12s}")
-    labels = {
-        "melvae": "melvae train_vae (incl. validation)",
-        "melvae_train": "  its training pass (1-cell val.)",
-        "naive": "naive notebook loop",
-        "floor": "floor: 5 products, plain layouts",
-        "arranged": "floor: 5 products, melvae layouts",
-        "adam": "floor (melvae layouts) + fused Adam",
-    }
-    for name, (wall, cpu) in best.items():
-        print(f"{labels[name]:36s}{wall:8.3f}{cpu:8.3f}{cpu / steps * 1e3:12.2f}")
-    for other, target in (("naive", 0.5), ("floor", 1.6), ("arranged", 1.6)):
-        wall = best["melvae"][0] / best[other][0]
-        cpu = best["melvae"][1] / best[other][1]
-        print(f"melvae / {other}: wall {wall:.2f}, CPU {cpu:.2f}  (target <= {target})")
-    floor_adam, naive, train = best["adam"][0], best["naive"][0], best["melvae_train"][0]
+    print("CPU seconds per epoch (wall in brackets); ratios of CPU seconds")
+    header = ("shape", "melvae", "naive", "5 products", "bound", "/naive", "/bound")
     print(
-        f"floor + Adam = {floor_adam / naive:.2f} x naive, the lowest ratio any Adam-trained loop "
-        f"reaches here; melvae / (floor + Adam) = {best['melvae'][0] / floor_adam:.2f}, "
-        f"its training pass {train / floor_adam:.2f}"
+        f"{header[0]:27s}"
+        + "".join(f"{h:>17s}" for h in header[1:5])
+        + "".join(f"{h:>8s}" for h in header[5:])
     )
+    for shape in shapes:
+        best = measure(shape, args.epochs, args.repeats)
+        cells = "".join(
+            f"{f'{best[n][1]:.3f} ({best[n][0]:.3f})':>17s}"
+            for n in ("melvae", "naive", "products", "bound")
+        )
+        ratios = best["melvae"][1] / best["naive"][1], best["melvae"][1] / best["bound"][1]
+        print(f"{shape.describe():27s}{cells}{ratios[0]:8.2f}{ratios[1]:8.2f}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from melvae import params
 from melvae.errors import InputError
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
+from melvae.losses import sample_and_kl
 
 
 class LossParts(NamedTuple):
@@ -121,7 +122,7 @@ class VAEModule(nn.Module):
         """
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        z = mu + eps * torch.exp(0.5 * logvar)
+        z, kl = sample_and_kl(mu, logvar, eps)
         recon = self.likelihood_model.nll(self, x, self.decoder(z)).mean()
-        kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1).mean()
+        kl = kl.mean()
         return LossParts(recon + kl_weight * kl, recon, kl)

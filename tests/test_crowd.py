@@ -6,21 +6,19 @@ import optuna
 import pytest
 
 from melvae.study.__main__ import main
-from melvae.study.workers import split, worker_argv
+from melvae.study.workers import worker_argv
 from tests.test_study import _offline
 from tests.workers import QUICK, STUDY, client_for, output, runs_by_status, start_worker
 
 
-def test_trials_and_cores_are_split_between_workers():
-    assert split(5, 2) == [3, 2]
-    assert split(2, 4) == [1, 1]
+def test_each_worker_gets_its_index_and_its_share_of_the_cores():
     argv = ["run", "--workers=3", "--n-trials", "9", "--threads", "8", "--epochs", "2"]
-    assert worker_argv(argv, n_trials=3, threads=1) == [
+    assert worker_argv(argv, index=4, threads=1) == [
         "run",
         "--epochs",
         "2",
-        "--n-trials",
-        "3",
+        "--worker-index",
+        "4",
         "--threads",
         "1",
     ]
@@ -37,7 +35,7 @@ def test_four_workers_started_at_once_on_a_fresh_folder_need_no_create(tmp_path)
     logs = {name: output(tmp_path, "w" if name == "workers" else name) for name in started}
     errors = [name for name, log in logs.items() if "Traceback" in log or codes[name] != 0]
     assert not errors, "\n\n".join(logs[name][-3000:] for name in errors)
-    assert "2 workers (1+1 trials), 1 thread(s) each" in logs["workers"]
+    assert "melvae: 2 workers x 1 thread (--workers; --threads)" in logs["workers"]
 
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
     trials = optuna.load_study(study_name=STUDY, storage=storage).trials
@@ -52,7 +50,8 @@ def test_four_workers_started_at_once_on_a_fresh_folder_need_no_create(tmp_path)
     assert set(runs) == {"FINISHED"}
     names = [run.info.run_name for run in runs["FINISHED"]]
     assert sum(name.startswith("trial-") for name in names) == 4
-    assert sum(name.startswith("run-") for name in names) == 4, "one parent run per worker"
+    parents = sum(name.startswith("run-") for name in names)
+    assert parents == 5, "one parent run per worker, and the one that summarises --workers"
     client = client_for(tracking)
     assert len(client.search_experiments(filter_string=f"name = '{STUDY}'")) == 1
     client.get_model_version_by_alias("melvae-pbmc68k_reduced", "champion")

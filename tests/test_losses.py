@@ -1,11 +1,11 @@
-"""bernoulli_nll: the original study's loss, with its own backward pass."""
+"""bernoulli_nll (the original study's loss) and sample_and_kl, each with its own backward pass."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from melvae.losses import bernoulli_nll
+from melvae.losses import bernoulli_nll, sample_and_kl
 
 
 def test_values_and_gradients_equal_binary_cross_entropy_summed_over_genes() -> None:
@@ -32,3 +32,20 @@ def test_large_logits_stay_finite_in_float32() -> None:
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(logits.grad).all()
     torch.testing.assert_close(loss, torch.tensor([200.0 + 0.6931472 + 200.0]))
+
+
+def test_sample_and_kl_equal_autograds_chain_in_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    mu = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    logvar = (torch.randn(5, 3, dtype=torch.float64) * 2).requires_grad_()
+    eps = torch.randn(5, 3, dtype=torch.float64)
+    z, kl = sample_and_kl(mu, logvar, eps)
+    expected_z = mu + eps * torch.exp(0.5 * logvar)
+    expected_kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=-1)
+    torch.testing.assert_close((z, kl), (expected_z, expected_kl))
+    weights = (torch.rand(5, 3, dtype=torch.float64), torch.rand(5, dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.autograd.grad((z, kl), (mu, logvar), weights),
+        torch.autograd.grad((expected_z, expected_kl), (mu, logvar), weights),
+    )
+    assert torch.autograd.gradcheck(sample_and_kl, (mu[:2], logvar[:2], eps[:2]))

@@ -13,6 +13,7 @@ from melvae.errors import InputError
 from melvae.module import VAEModule
 from melvae.train import (
     METRIC_NAMES,
+    FusedAdam,
     History,
     NonFiniteLossError,
     TrainConfig,
@@ -171,3 +172,17 @@ def test_the_history_survives_a_json_round_trip() -> None:
     X = _clustered()
     history = train_vae(_module(), X[:150], X[150:], TrainConfig(epochs=2), progress=False)
     assert History.from_dict(json.loads(json.dumps(history.to_dict()))) == history
+
+
+def test_fused_adam_gives_exactly_torchs_fused_adam_updates() -> None:
+    X = torch.from_numpy(_clustered())
+    ours, theirs = _module(), _module()
+    reference = torch.optim.Adam(theirs.parameters(), lr=3e-3, fused=True)
+    optimizer = FusedAdam(ours.parameters(), lr=3e-3)
+    for step in range(4):
+        for module, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            noise = torch.Generator().manual_seed(step)
+            module.loss(X[step * 32 : (step + 1) * 32], generator=noise).total.backward()
+            opt.step()
+        assert _params_equal(ours, theirs)

@@ -168,11 +168,16 @@ class Objective:
         return values if self.config.multi_objective else values[0]
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any]) -> MelVAE:
+        curves = track.EpochMetrics()
+
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            track.log_metrics(metrics, step=epoch)
+            curves.log(metrics, step=epoch)
             self.pruning.check(trial, epoch, metrics["val_loss"])
 
-        return fit_with_params(self.config, self.data, params, on_epoch, self.progress)
+        try:
+            return fit_with_params(self.config, self.data, params, on_epoch, self.progress)
+        finally:
+            curves.flush()
 
     def _run_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """What tells this trial apart: its hyperparameters and device. What every trial shares

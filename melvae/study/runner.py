@@ -22,6 +22,7 @@ from melvae.evaluate import BIO_METRICS
 from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
+from melvae.study import workers
 from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.identity import check_identity
@@ -206,9 +207,13 @@ def _is_searched(config: StudyConfig, name: str) -> bool:
     return any(param.name == name for param in config.search)
 
 
-def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+def _sampler(config: StudyConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The study file's sampler, seeded for the study's worker `worker` (`workers.worker_seed`)."""
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    return _build(samplers, config.sampler, "tpe", f"{config.path} [sampler]")
+    table = dict(config.sampler)
+    if "seed" in table:
+        table["seed"] = workers.worker_seed(table["seed"], worker)
+    return _build(samplers, table, "tpe", f"{config.path} [sampler]")
 
 
 def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
@@ -272,29 +277,25 @@ def run_study(
     base_url: str | None = None,
     progress: bool = True,
     heartbeat: int = HEARTBEAT_SECONDS,
+    data: PreparedData | None = None,
+    worker_index: int | None = None,
+    summarise: bool = True,
 ) -> StudyOutcome:
     """Run (or resume) a study end to end and register its best model.
 
     All input is read and validated before anything is written to MLflow or Optuna storage.
-    Many workers may run it at once on the same storage and tracking backend.
+    Many workers may run it at once on the same storage and tracking backend: `n_trials` is
+    added to the study's shared budget and trials run until the study holds it
+    (`workers.optimize_within_budget`). `data` skips preparing it again; `worker_index` given
+    (by `run --workers N`) means the caller pledged the budget and claimed that sampler index;
+    `summarise=False` leaves the champion's test scores, baselines and registration to it.
     """
     started = time.perf_counter()
     check_storage_url(storage)
     check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
-    data = prepare_data(config, data_path=data_path, base_url=base_url, dataset=dataset)
-    if data.label_key is None and config.multi_objective and config.objective == "val_loss":
-        config = config.fit_only()
-        print(
-            "melvae: the data have no cell-type labels, so this study selects on model fit "
-            "ONLY (objective val_loss); label metrics and baselines' label scores are skipped",
-            file=sys.stderr,
-        )
-    if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
-        raise InputError(
-            f"objective {config.objective!r} needs cell-type labels and the data has none",
-            where=f"{config.path} [objective] metric",
-            fix='use metric = "val_loss", or give data with a label column',
-        )
+    if data is None:
+        data = prepare_data(config, data_path=data_path, base_url=base_url, dataset=dataset)
+    config = config_for_data(config, data, announce=summarise)
     study = create_study(config, data.dataset_key, storage, heartbeat=heartbeat)
     tracking_uri, experiment_id = create_experiment(study.study_name, tracking_uri)
     end_runs_of_dead_workers(experiment_id)
@@ -316,25 +317,36 @@ def run_study(
             progress=progress,
         )
         n_trials = n_trials if n_trials is not None else config.n_trials
+        pledged = 0
+        if worker_index is None:  # a run of its own: its trials join the study's shared budget
+            worker_index = workers.claim_workers(study, storage)
+            pledged = workers.UNTIL_TIMEOUT if n_trials is None else n_trials
+            workers.pledge(study, storage, pledged)
+        study.sampler = _sampler(config, worker_index)
         champion = functools.partial(best_complete_trial, config=config)
         with trial_progress(n_trials, champion=champion, enabled=progress) as show_progress:
-            study.optimize(
+            workers.optimize_within_budget(
+                study,
+                storage,
                 requeue_when_stopped(objective),
-                n_trials=n_trials,
                 timeout=timeout if timeout is not None else config.timeout,
+                poll_seconds=min(heartbeat, 5),
+                pledged=pledged,
                 catch=(NonFiniteLossError,),
                 callbacks=[show_progress],
             )
-        # The steps after the trials, by name: select -> score on test -> baselines -> register.
-        best, champion = select_champion_step(study, config, tracking_uri)
-        registration = comparison = None
-        if best is not None:
-            test_metrics = score_on_test_step(study, best, champion, data)
-            comparison = baselines_step(
-                config, data, best, test_metrics, study, tracking_uri, experiment_id, epochs_cap
-            )
-            registration = promote_best(study, config, data.dataset_key)
-            report_step(study, config, best, parent_id)
+        registration = comparison = best = champion = None
+        if summarise:
+            # The steps after the trials, by name: select -> score on test -> baselines ->
+            # register -> report.
+            best, champion = select_champion_step(study, config, tracking_uri)
+            if best is not None:
+                test_metrics = score_on_test_step(study, best, champion, data)
+                comparison = baselines_step(
+                    config, data, best, test_metrics, study, tracking_uri, experiment_id, epochs_cap
+                )
+                registration = promote_best(study, config, data.dataset_key)
+                report_step(study, config, best, parent_id)
     return StudyOutcome(
         study=study,
         experiment_id=experiment_id,
@@ -346,6 +358,27 @@ def run_study(
         champion=champion,
         comparison=comparison,
     )
+
+
+def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) -> StudyConfig:
+    """The study as these data allow it: without labels it selects on fit alone (said loudly
+    when `announce`); an objective that needs labels the data lack is an InputError."""
+    if data.label_key is None and config.multi_objective and config.objective == "val_loss":
+        config = config.fit_only()
+        if announce:
+            print(
+                "melvae: the data have no cell-type labels, so this study selects on model fit "
+                "ONLY (objective val_loss); label metrics and baselines' label scores are "
+                "skipped",
+                file=sys.stderr,
+            )
+    if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
+        raise InputError(
+            f"objective {config.objective!r} needs cell-type labels and the data has none",
+            where=f"{config.path} [objective] metric",
+            fix='use metric = "val_loss", or give data with a label column',
+        )
+    return config
 
 
 def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[str, object]:

@@ -1,22 +1,209 @@
-"""`run --workers N`: N worker processes on this machine share one study and split its cores."""
+"""Many workers on one study: how `run` spends the cores, each worker's sampler seed, the shared
+trial budget, and `run --workers N` (N worker processes on this machine).
+
+- **The choice** (`choose`, a pure function used by `run --workers auto` and the Python API): a
+  small model gains nothing from a second torch thread (README, "A million cells"), so the cores
+  run trials in parallel, one thread each; a large one gets the threads of one process.
+- **Seeds**: every process that samples takes the next worker index of the study (kept in the
+  study, under its lock) and samples with `worker_seed(study seed, index)`: worker 0 with the
+  study's own seed, so a seeded study stays reproducible per worker, and no two workers (nor a
+  resumed run) draw the same trials.
+- **The budget**: `run --n-trials N` pledges N trials to the study (`pledge`); every worker runs
+  trials until the study has as many as pledged in all (`optimize_within_budget`), so the trials a
+  killed worker did not run are run by the others, and the count never overshoots.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
+
+import numpy as np
+import optuna
+
+from melvae.study.config import StudyConfig
+from melvae.study.storage import first_time_lock
 
 # Options the parent decides per worker; every other `run` option is passed on unchanged.
-_PER_WORKER = ("--workers", "--n-trials", "--threads")
+_PER_WORKER = ("--workers", "--n-trials", "--threads", "--worker-index")
+# A model whose two gene-facing layers hold at least this many weights trains in one process
+# with all the threads: the original study's 17,994 genes x hidden 256 (9.2 M) gets ~1.4x from
+# a second thread, while 2,000 genes x 512 (2 M) and smaller gain nothing (bench/epoch_speed.py).
+LARGE_MODEL_WEIGHTS = 4_000_000
+# A worker process costs about one trial to start (imports, reading and preprocessing the data),
+# so parallel workers only pay when each gets at least this many trials.
+MIN_TRIALS_PER_WORKER = 4
+# Study attributes: worker indices handed out so far, and the trials pledged in all.
+WORKERS_ATTR = "sampler_workers"
+BUDGET_ATTR = "trial_budget"
+# The pledge of a run given a timeout and no trial count: only the timeout ends it.
+UNTIL_TIMEOUT = 2**31 - 1
+_State = optuna.trial.TrialState
+_COUNTED = (_State.COMPLETE, _State.PRUNED, _State.RUNNING)
 
 
-def split(total: int, parts: int) -> list[int]:
-    """`total` trials shared as evenly as possible by at most `parts` workers (none gets 0)."""
-    shares = [total // parts + (i < total % parts) for i in range(parts)]
-    return [share for share in shares if share > 0]
+@dataclass(frozen=True)
+class Plan:
+    """How one `run` spends the machine: `workers` processes of `threads` torch threads each."""
+
+    workers: int
+    threads: int
+    reason: str
+
+    def describe(self) -> str:
+        """One line for the user, e.g. "2 workers x 1 thread (small model: ...)"."""
+        workers = f"{self.workers} worker{'s' if self.workers > 1 else ''}"
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"{workers} x {threads} ({self.reason})"
+
+
+def choose(cores: int, n_trials: int, gene_weights: int) -> Plan:
+    """How to run `n_trials` trials on `cores` cores, for a study whose largest model has
+    `gene_weights` weights in its two gene-facing layers (2 x genes x widest hidden layer).
+
+    Parameters
+    ----------
+    cores
+        CPU cores this process may use (`cores()`).
+    n_trials
+        Trials this run will start.
+    gene_weights
+        Weights of the largest model's encoder input and decoder output layers.
+
+    Returns
+    -------
+    Plan
+        One process with every thread for a large model (>= LARGE_MODEL_WEIGHTS), or for too few
+        trials to pay for starting more processes (MIN_TRIALS_PER_WORKER each); otherwise as many
+        single-threaded workers as cores (at most one per MIN_TRIALS_PER_WORKER trials), each
+        given cores / workers threads.
+    """
+    cores = max(1, cores)
+    if gene_weights >= LARGE_MODEL_WEIGHTS:
+        size = f"{gene_weights / 1e6:.1f} M gene-layer weights"
+        return Plan(1, cores, f"large model, {size}: threads pay")
+    workers = min(cores, n_trials // MIN_TRIALS_PER_WORKER)
+    if workers <= 1:
+        return Plan(1, cores, f"{n_trials} trials, too few for parallel workers")
+    return Plan(workers, cores // workers, "small model: parallel trials pay, threads do not")
+
+
+def gene_weights(config: StudyConfig, n_genes: int) -> int:
+    """Weights of the two gene-facing layers (encoder input, decoder output) of the study's
+    largest model on `n_genes` genes: 2 x genes x the widest hidden layer it may try."""
+    return 2 * n_genes * int(config.largest("hidden_dim"))
+
+
+def worker_seed(study_seed: int | None, index: int) -> int | None:
+    """The sampler seed of the study's worker `index`: the study's seed itself for worker 0, an
+    independent one derived from (seed, index) for the others; None (unseeded) stays None."""
+    if study_seed is None or index == 0:
+        return study_seed
+    return int(np.random.SeedSequence([study_seed, index]).generate_state(1)[0])
+
+
+def claim_workers(study: optuna.Study, storage: str, count: int = 1) -> int:
+    """Take the study's next `count` worker indices (atomically across processes and machines);
+    return the first."""
+    with first_time_lock(storage):
+        first = int(study.user_attrs.get(WORKERS_ATTR, 0))
+        study.set_user_attr(WORKERS_ATTR, first + count)
+    return first
+
+
+def counted(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """Trials that use up the budget: finished, running, and failed ones not being run again
+    (a trial failed by a dead or stopped worker is queued again and counts once, as its retry)."""
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    retried |= {t.user_attrs.get("requeued_from") for t in trials}
+    return sum(
+        t.state in _COUNTED or (t.state == _State.FAIL and t.number not in retried) for t in trials
+    )
+
+
+def pledge(study: optuna.Study, storage: str, n_trials: int) -> int:
+    """Add `n_trials` to the study's budget; return the new total. A budget a dead worker left
+    unfinished is kept, and completed by whichever worker runs next."""
+    with first_time_lock(storage):
+        spent = counted(study.get_trials(deepcopy=False))
+        total = max(int(study.user_attrs.get(BUDGET_ATTR, 0)), spent) + n_trials
+        study.set_user_attr(BUDGET_ATTR, total)
+    return total
+
+
+def withdraw(study: optuna.Study, storage: str, n_trials: int) -> None:
+    """Take back `n_trials` of the budget (never below the trials already spent)."""
+    with first_time_lock(storage):
+        spent = counted(study.get_trials(deepcopy=False))
+        total = int(study.user_attrs.get(BUDGET_ATTR, 0)) - n_trials
+        study.set_user_attr(BUDGET_ATTR, max(total, spent))
+
+
+def optimize_within_budget(
+    study: optuna.Study,
+    storage: str,
+    objective: Callable[[optuna.Trial], Any],
+    *,
+    timeout: float | None,
+    poll_seconds: float,
+    pledged: int = 0,
+    **optimize: Any,
+) -> int:
+    """Run trials one at a time until the study holds its budget (`pledge`); return how many
+    this process ran.
+
+    The count and the trial's creation happen under the study's lock, so many workers never
+    start more trials than pledged. When the budget is taken but other workers' trials still
+    run, this worker waits (polling every `poll_seconds`) and, if one of them goes silent (its
+    worker died), fails it, so that its queued retry is run here. Ended before the budget is
+    spent (Ctrl-C, SIGTERM, `timeout`), it withdraws what it `pledged` and did not run.
+    `optimize` goes to `study.optimize` (catch, callbacks).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ran, done = 0, False
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            lock = contextlib.ExitStack()
+            lock.enter_context(first_time_lock(storage))
+            try:
+                trials = study.get_trials(deepcopy=False)
+                if counted(trials) >= int(study.user_attrs.get(BUDGET_ATTR, 0)):
+                    lock.close()
+                    done = not any(t.state == _State.RUNNING for t in trials)
+                    if done:
+                        break
+                    _wait_for_others(study, poll_seconds)
+                    continue
+
+                def started(trial: optuna.Trial, lock: contextlib.ExitStack = lock) -> Any:
+                    lock.close()  # the trial exists (RUNNING): others may count it now
+                    return objective(trial)
+
+                study.optimize(started, n_trials=1, **optimize)
+                ran += 1
+            finally:
+                lock.close()
+    finally:
+        if pledged and not done:  # stopped, timed out or crashed: take back what it left
+            withdraw(study, storage, pledged - ran)
+    return ran
+
+
+def _wait_for_others(study: optuna.Study, seconds: float) -> None:
+    """Sleep, then fail (and so queue again) any trial whose worker stopped beating."""
+    time.sleep(seconds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def cores() -> int:
@@ -24,8 +211,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def worker_argv(run_argv: Sequence[str], *, n_trials: int, threads: int) -> list[str]:
-    """One worker's `run` arguments: the parent's, with its own trial share and thread count."""
+def worker_argv(run_argv: Sequence[str], *, index: int, threads: int) -> list[str]:
+    """One worker's `run` arguments: the parent's, with its worker index and thread count."""
     kept: list[str] = []
     skip_value = False
     for arg in run_argv:
@@ -35,33 +222,28 @@ def worker_argv(run_argv: Sequence[str], *, n_trials: int, threads: int) -> list
             skip_value = True
         elif not arg.startswith(tuple(f"{option}=" for option in _PER_WORKER)):
             kept.append(arg)
-    return [*kept, "--n-trials", str(n_trials), "--threads", str(threads)]
+    return [*kept, "--worker-index", str(index), "--threads", str(threads)]
 
 
-def run_workers(run_argv: Sequence[str], *, workers: int, n_trials: int) -> int:
+def run_workers(run_argv: Sequence[str], *, workers: int, threads: int, first_index: int) -> int:
     """Start the workers (`python -m melvae.study run ...` each), wait, return the worst exit code.
 
-    Each gets cores/N torch threads (at least 1): N processes each using every core would slow
-    each other down many times over. SIGTERM to this process is passed on to every worker.
+    The caller has pledged the study's budget and claimed worker indices `first_index` onwards;
+    the workers share that budget (none pledges more) and leave the summary (baselines,
+    registration) to the caller. Give each cores/N torch threads: N processes each using every
+    core would slow each other down many times over. SIGTERM to this process is passed on to
+    every worker.
     """
-    shares = split(n_trials, workers)
-    threads = max(1, cores() // len(shares))
-    print(
-        f"melvae: {len(shares)} workers ({'+'.join(map(str, shares))} trials), "
-        f"{threads} thread(s) each",
-        file=sys.stderr,
-        flush=True,
-    )
     processes = [
         subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "melvae.study",
-                *worker_argv(run_argv, n_trials=share, threads=threads),
+                *worker_argv(run_argv, index=first_index + i, threads=threads),
             ]
         )
-        for share in shares
+        for i in range(workers)
     ]
 
     def forward(signum: int, frame: FrameType | None) -> None:

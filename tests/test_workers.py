@@ -1,0 +1,107 @@
+"""How `run` spends the cores, each worker's own sampler seed, and the study's shared budget:
+4 real workers on one fresh SQLite folder, one of them killed with SIGKILL mid-trial."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from melvae.study import workers
+from melvae.study.config import load_study_config
+from melvae.study.runner import _sampler
+from tests.workers import QUICK, STUDY, kill_worker_of, output, running_trial, start_worker
+
+State = optuna.trial.TrialState
+
+
+def test_small_models_run_parallel_single_thread_trials_and_large_ones_get_the_threads():
+    small = workers.gene_weights(load_study_config(), 2000)  # default study: 2,000 genes x 512
+    assert small == 2 * 2000 * 512
+    assert workers.choose(2, 20, small) == workers.Plan(2, 1, workers.choose(2, 20, small).reason)
+    assert workers.choose(16, 20, small).workers == 5, "at least 4 trials per worker"
+    assert workers.choose(16, 20, small).threads == 3
+    large = 2 * 17994 * 256
+    assert (workers.choose(2, 20, large).workers, workers.choose(2, 20, large).threads) == (1, 2)
+    assert (workers.choose(2, 4, small).workers, workers.choose(2, 4, small).threads) == (1, 2)
+    assert workers.choose(1, 20, small).workers == 1
+    assert "2 workers x 1 thread" in workers.choose(2, 20, small).describe()
+
+
+def test_each_worker_samples_with_its_own_seed_derived_from_the_studys():
+    assert workers.worker_seed(0, 0) == 0, "worker 0 keeps the study's seed"
+    seeds = [workers.worker_seed(0, i) for i in range(8)]
+    assert len(set(seeds)) == 8
+    assert seeds == [workers.worker_seed(0, i) for i in range(8)], "reproducible per worker"
+    assert workers.worker_seed(1, 3) != workers.worker_seed(0, 3)
+    assert workers.worker_seed(None, 3) is None
+    config = load_study_config()
+    draws = [
+        [optuna.create_study(sampler=_sampler(config, index)).ask().suggest_float("x", 0, 1)]
+        for index in (2, 2, 3)
+    ]
+    assert draws[0] == draws[1] != draws[2]
+
+
+def _trial(number: int, state: State, **system_attrs: int) -> optuna.trial.FrozenTrial:
+    value = 1.0 if state == State.COMPLETE else None
+    trial = optuna.trial.create_trial(state=state, value=value, system_attrs=system_attrs)
+    trial.number = number
+    return trial
+
+
+def test_the_budget_counts_a_failed_trial_once_as_its_retry():
+    trials = [
+        _trial(0, State.COMPLETE),
+        _trial(1, State.FAIL),  # a dead worker's trial, queued again as trial 3
+        _trial(2, State.FAIL),  # diverged: spent, not retried
+        _trial(3, State.RUNNING, failed_trial=1),
+        _trial(4, State.WAITING),
+        _trial(5, State.PRUNED),
+    ]
+    assert workers.counted(trials) == 4
+
+
+def test_pledges_add_up_and_a_withdrawal_never_drops_below_what_was_spent(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=storage)
+    assert workers.pledge(study, storage, 5) == 5
+    assert workers.pledge(study, storage, 3) == 8
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    workers.withdraw(study, storage, 10)
+    assert study.user_attrs[workers.BUDGET_ATTR] == 1
+    assert [workers.claim_workers(study, storage, n) for n in (1, 4, 1)] == [0, 1, 5]
+
+
+@pytest.mark.slow
+def test_four_workers_share_one_budget_never_repeat_a_trial_and_survive_a_kill(tmp_path):
+    requested = 8
+    parent = start_worker(
+        tmp_path, "--workers", "4", "--n-trials", str(requested), *QUICK, "--epochs", "2", name="w"
+    )
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    number, run_id = running_trial(storage, exclude={0, 1, 2})
+    killed = kill_worker_of(run_id, f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert parent.wait(timeout=600) == 0, output(tmp_path, "w")[-3000:]
+    log = output(tmp_path, "w")
+    assert "melvae: 4 workers x 1 thread" in log
+    assert "a worker ended with exit code -9" in log and "Traceback" not in log
+
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED)]
+    assert len(finished) == requested, "the others ran what the killed worker did not"
+    assert not [t for t in trials if t.state in (State.RUNNING, State.WAITING)]
+    assert trials[number].state == State.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert len(retries) == 1 and retries[0].params == trials[number].params
+    sampled = [
+        tuple(sorted(t.params.items()))
+        for t in finished
+        if not t.user_attrs.get("seed_trial") and "failed_trial" not in t.system_attrs
+    ]
+    assert len(set(sampled)) == len(sampled), "no worker repeats another's trial"
+    seeds = {t.params["latent_dim"] for t in finished if t.user_attrs.get("seed_trial")}
+    assert seeds == {2, 10, 5}
+    print(
+        f"\n4 workers, {requested} trials, worker {killed} killed in trial {number}: "
+        f"{len(finished)} finished, {len(sampled)} sampled, {len(set(sampled))} distinct"
+    )
