@@ -2,7 +2,8 @@
 
 Batches are cut from the (possibly sparse CSR) matrix on the fly, so only one batch is ever dense.
 Runs are deterministic for a seed: shuffling and the reparameterisation noise come from private
-generators seeded from `TrainConfig.seed`, and the global torch RNG is neither used nor changed.
+generators seeded from `TrainConfig.seed`; dropout's draws from torch's global generator are
+seeded from it too, and the caller's global generator state is restored afterwards.
 The validation loss is the negative ELBO with the full `kl_weight` and the same noise every
 epoch, so epochs compare without sampling noise or warm-up drift.
 
@@ -16,10 +17,11 @@ rather than once per batch, and the gene-facing layers lay out their products fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -257,47 +259,59 @@ def train_vae(
         leave=None,
         disable=None if progress else True,
     )
-    try:
-        for epoch in bar:
-            started, cpu_started = time.perf_counter(), time.process_time()
-            train = _train_epoch(module, optimizer, train_x, config, epoch, order_rng, noise)
-            val = evaluate_loss(
-                module,
-                val_x,
-                kl_weight=config.kl_weight,
-                seed=config.seed,
-                batch_size=eval_batch_size,
-            )
-            if not math.isfinite(val["loss"]):
-                raise NonFiniteLossError(epoch, "validation", val)
-            for prefix, parts in (("train", train), ("val", val)):
-                getattr(history, f"{prefix}_loss").append(parts["loss"])
-                getattr(history, f"{prefix}_recon").append(parts["recon"])
-                getattr(history, f"{prefix}_kl").append(parts["kl"])
-            history.epoch_seconds.append(time.perf_counter() - started)
-            history.epoch_cpu_seconds.append(time.process_time() - cpu_started)
-            if history.best_epoch < 0 or val["loss"] < history.val_loss[history.best_epoch]:
-                history.best_epoch = epoch
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                epochs_since_best = 0
-            else:
-                epochs_since_best += 1
-            metrics = history.epoch_metrics(epoch)
-            bar.set_postfix(train=f"{train['loss']:.4g}", val=f"{val['loss']:.4g}")
-            logger.debug("epoch %d: %s", epoch, metrics)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-            patience = config.early_stopping_patience
-            warmed_up = epoch + 1 >= config.kl_warmup_epochs
-            if patience is not None and warmed_up and epochs_since_best >= patience:
-                history.stopped_early = True
-                logger.info("early stop after epoch %d; best epoch %d", epoch, history.best_epoch)
-                break
-    finally:
-        bar.close()
-        if best_state is not None:
-            module.load_state_dict(best_state)
+    with _seeded_global_rng(config.seed, device):
+        try:
+            for epoch in bar:
+                started, cpu_started = time.perf_counter(), time.process_time()
+                train = _train_epoch(module, optimizer, train_x, config, epoch, order_rng, noise)
+                val = evaluate_loss(
+                    module,
+                    val_x,
+                    kl_weight=config.kl_weight,
+                    seed=config.seed,
+                    batch_size=eval_batch_size,
+                )
+                if not math.isfinite(val["loss"]):
+                    raise NonFiniteLossError(epoch, "validation", val)
+                for prefix, parts in (("train", train), ("val", val)):
+                    getattr(history, f"{prefix}_loss").append(parts["loss"])
+                    getattr(history, f"{prefix}_recon").append(parts["recon"])
+                    getattr(history, f"{prefix}_kl").append(parts["kl"])
+                history.epoch_seconds.append(time.perf_counter() - started)
+                history.epoch_cpu_seconds.append(time.process_time() - cpu_started)
+                if history.best_epoch < 0 or val["loss"] < history.val_loss[history.best_epoch]:
+                    history.best_epoch = epoch
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    epochs_since_best = 0
+                else:
+                    epochs_since_best += 1
+                metrics = history.epoch_metrics(epoch)
+                bar.set_postfix(train=f"{train['loss']:.4g}", val=f"{val['loss']:.4g}")
+                logger.debug("epoch %d: %s", epoch, metrics)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+                patience = config.early_stopping_patience
+                warmed_up = epoch + 1 >= config.kl_warmup_epochs
+                if patience is not None and warmed_up and epochs_since_best >= patience:
+                    history.stopped_early = True
+                    logger.info(
+                        "early stop after epoch %d; best epoch %d", epoch, history.best_epoch
+                    )
+                    break
+        finally:
+            bar.close()
+            if best_state is not None:
+                module.load_state_dict(best_state)
     return history
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generator, from which dropout draws, for one training run, and give
+    the caller's generator state back afterwards: a seed then gives the same weights."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _train_epoch(

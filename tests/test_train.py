@@ -68,6 +68,20 @@ def test_same_seed_gives_identical_weights_and_losses_for_sparse_or_dense_input(
     assert h4.train_loss != h1.train_loss and not _params_equal(first, other)
 
 
+
+def test_same_seed_gives_identical_weights_with_dropout_whatever_the_global_rng() -> None:
+    """Dropout draws from torch's global generator: a seed must fix those draws too."""
+    X = _clustered()
+    config = TrainConfig(epochs=3, seed=7)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        module = VAEModule(n_genes=30, hidden_dim=16, latent_dim=3, dropout=0.2)
+        torch.manual_seed(global_seed)  # the caller's generator differs between the two runs
+        runs.append((module, train_vae(module, X[:150], X[150:], config, progress=False)))
+    (first, h1), (second, h2) = runs
+    assert h1 == h2 and _params_equal(first, second)
+
 def test_training_leaves_the_global_torch_rng_alone() -> None:
     X = _clustered()
     module = _module()
