@@ -68,7 +68,6 @@ def test_same_seed_gives_identical_weights_and_losses_for_sparse_or_dense_input(
     assert h4.train_loss != h1.train_loss and not _params_equal(first, other)
 
 
-
 def test_same_seed_gives_identical_weights_with_dropout_whatever_the_global_rng() -> None:
     """Dropout draws from torch's global generator: a seed must fix those draws too."""
     X = _clustered()
@@ -81,6 +80,7 @@ def test_same_seed_gives_identical_weights_with_dropout_whatever_the_global_rng(
         runs.append((module, train_vae(module, X[:150], X[150:], config, progress=False)))
     (first, h1), (second, h2) = runs
     assert h1 == h2 and _params_equal(first, second)
+
 
 def test_training_leaves_the_global_torch_rng_alone() -> None:
     X = _clustered()
