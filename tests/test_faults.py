@@ -24,6 +24,7 @@ import pytest
 from melvae.data.datasets import load_dataset
 from melvae.faultpoint import ENV as STOP_AT
 from melvae.register import CHAMPION, COMPLETE_TAG
+from melvae.study.config import DEFAULT_STUDY
 from tests.workers import STUDY, client_for, worker_env
 
 MODEL = "melvae-pbmc68k_reduced"
@@ -185,7 +186,12 @@ def test_commands_that_only_read_create_no_database_in_an_empty_folder(study):
     refused(cli(empty, "melvae.study", "best"), "no study")
     code = "import melvae; melvae.load_model('models:/melvae-pbmc68k_reduced@champion')"
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=empty, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=empty,
+        env=worker_env(empty.parent),  # no MLflow URI that an earlier test left set
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode != 0 and "no tracking database" in done.stderr
     assert list(empty.iterdir()) == []
@@ -232,7 +238,7 @@ def test_bad_values_in_a_real_process(study, bad_cells):
 
 def study_file(path: Path, replacements: dict[str, str]) -> Path:
     """The default study file with `replacements` made (each must occur), written to `path`."""
-    text = (Path(__file__).parents[1] / "studies" / "default.toml").read_text()
+    text = DEFAULT_STUDY.read_text()
     for old, new in replacements.items():
         assert old in text, old
         text = text.replace(old, new, 1)
