@@ -27,11 +27,12 @@ from melvae.study.config import (
     load_study_config,
     study_config_from_dict,
 )
+from melvae.study.objective import PreparedData
 from melvae.study.runner import DEFAULT_STORAGE, run_study, trials_table
 from melvae.study.storage import HEARTBEAT_SECONDS
 
 StudyLike = StudyConfig | Mapping[str, Any] | str | os.PathLike[str] | None
-DataLike = ad.AnnData | str | os.PathLike[str] | None
+DataLike = ad.AnnData | PreparedData | str | os.PathLike[str] | None
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def tune(
     ----------
     data
         An in-memory AnnData (cells x genes), the path of an .h5ad/.csv file, a named dataset
-        (e.g. "pbmc68k_reduced"), or None for the study's own dataset (with its fallback).
+        (e.g. "pbmc68k_reduced"), None for the study's own dataset (with its fallback), or
+        data a study already split and preprocessed (`melvae.study.runner.prepare_data`).
     study
         None for the default study (shipped inside the package), the path of a study TOML file,
         a dict laid out like one (`tomllib.loads` of a file), or a StudyConfig.
@@ -156,8 +158,10 @@ def tune(
                 fix="give threads a positive integer, or None for torch's default",
             )
         torch.set_num_threads(threads)
-    data_path, dataset = None, None
-    if isinstance(data, ad.AnnData):
+    data_path, dataset, prepared = None, None, None
+    if isinstance(data, PreparedData):
+        prepared = data
+    elif isinstance(data, ad.AnnData):
         dataset = Dataset(
             name,
             data,
@@ -175,6 +179,7 @@ def tune(
         epochs_cap=epochs,
         data_path=data_path,
         dataset=dataset,
+        data=prepared,
         progress=progress,
         heartbeat=heartbeat,
     )

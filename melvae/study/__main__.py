@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         # The summary (champion's test scores, baselines, registration) once, here.
         n_now, threads = 0, workers.cores()
     result = tune(
-        args.data,
+        data,  # prepared once, above: read, validated, split and announced once
         config,
         n_trials=n_now,
         timeout=args.timeout,
