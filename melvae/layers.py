@@ -98,8 +98,19 @@ class WideLinear(nn.Linear):
     """`nn.Linear` (same parameters and state dict) for a layer with a gene-sized side."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        thin = x.dim() == 2 and x.shape[0] <= THIN_BATCH
-        wide = max(self.in_features, self.out_features) >= MIN_WIDTH
-        if x.device.type != "cpu" or self.bias is None or not (thin and wide):
+        if not arranged(self, x):
             return F.linear(x, self.weight, self.bias)
         return _WideLinearFunction.apply(x, self.weight, self.bias)
+
+
+def arranged(layer: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether `layer` applied to `x` takes the arranged products: a `WideLinear` with a bias
+    and a side of `MIN_WIDTH` or more, a thin 2-D batch (`THIN_BATCH`), on the CPU."""
+    return (
+        isinstance(layer, WideLinear)
+        and layer.bias is not None
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.shape[0] <= THIN_BATCH
+        and max(layer.in_features, layer.out_features) >= MIN_WIDTH
+    )

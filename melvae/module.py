@@ -17,6 +17,7 @@ from torch import nn
 
 from melvae import params
 from melvae.errors import InputError
+from melvae.fused import plan_of, vae_loss
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
 from melvae.losses import sample_and_kl
@@ -119,7 +120,19 @@ class VAEModule(nn.Module):
         """Negative ELBO: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
         One reparameterised sample per cell, drawn from `generator` (the global RNG if None).
+        A module `melvae.fused` covers (the original architecture and its variants without
+        norms) computes it as one autograd node; the numbers are `autograd_loss`'s within float
+        rounding.
         """
+        plan = plan_of(self)
+        if plan is not None:
+            return LossParts(*vae_loss(self, plan, x, kl_weight, generator))
+        return self.autograd_loss(x, kl_weight, generator=generator)
+
+    def autograd_loss(
+        self, x: torch.Tensor, kl_weight: float = 1.0, *, generator: torch.Generator | None = None
+    ) -> LossParts:
+        """`loss` through the layers' own autograd nodes, for any architecture."""
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z, kl = sample_and_kl(mu, logvar, eps)
