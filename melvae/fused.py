@@ -187,6 +187,106 @@ def _backward_blocks(
     return grad, grads
 
 
+@dataclass
+class _Saved:
+    """What the gradient needs of a forward pass: each block's input (then its output) and
+    dropout mask, the posterior mean, the noise and the posterior standard deviation."""
+
+    encoded: list[torch.Tensor]
+    encoder_masks: list[torch.Tensor | None]
+    mu: torch.Tensor
+    eps: torch.Tensor
+    std: torch.Tensor
+    decoded: list[torch.Tensor]
+    decoder_masks: list[torch.Tensor | None]
+
+
+def _forward(
+    x: torch.Tensor, plan: Plan, generator: torch.Generator | None, training: bool
+) -> tuple[torch.Tensor, torch.Tensor, _Saved]:
+    """(recon, kl), each averaged over cells, and what their gradient needs."""
+    encoded, encoder_masks = _run_blocks(x, plan.encoder, training)
+    h = encoded[-1]
+    mu = _forward_linear(h, plan.mu)
+    logvar = _forward_linear(h, plan.logvar)
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    std = torch.exp(0.5 * logvar)
+    z = torch.addcmul(mu, eps, std)
+    n = x.shape[0]
+    kl = 0.5 * (torch.addcmul(std.square() - logvar, mu, mu).sum() - mu.numel()) / n
+    decoded, decoder_masks = _run_blocks(z, plan.decoder, training)
+    logits = decoded[-1]
+    # sum(x * logits) as one BLAS dot product: no cells x genes temporary.
+    recon = (F.softplus(logits).sum() - torch.dot(x.reshape(-1), logits.reshape(-1))) / n
+    saved = _Saved(encoded, encoder_masks, mu, eps, std, decoded, decoder_masks)
+    return recon, kl, saved
+
+
+def _gradients(
+    plan: Plan,
+    saved: _Saved,
+    per_recon: torch.Tensor | float,
+    per_kl: torch.Tensor | float,
+    needs_x: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The input's gradient (if `needs_x`) and every weight's, in `plan.linears()` order
+    (weight, bias each), given the gradient of each cell's recon (`per_recon`) and KL term."""
+    x, logits = saved.encoded[0], saved.decoded[-1]
+    grad_logits = torch.sigmoid(logits).sub_(x).mul_(per_recon)
+    grad_z, decoder_grads = _backward_blocks(
+        grad_logits, plan.decoder, saved.decoded, saved.decoder_masks, needs_input=True
+    )
+    mu, eps, std = saved.mu, saved.eps, saved.std
+    grad_mu = grad_z + per_kl * mu
+    grad_logvar = 0.5 * (grad_z * eps * std + per_kl * (std.square() - 1))
+    h = saved.encoded[-1]
+    grad_h, grad_mu_weight, grad_mu_bias = _backward_linear(grad_mu, h, plan.mu, needs_input=True)
+    grad_h_logvar, grad_logvar_weight, grad_logvar_bias = _backward_linear(
+        grad_logvar, h, plan.logvar, needs_input=True
+    )
+    grad_x, encoder_grads = _backward_blocks(
+        grad_h.add_(grad_h_logvar),
+        plan.encoder,
+        saved.encoded,
+        saved.encoder_masks,
+        needs_input=needs_x,
+    )
+    middle = [grad_mu_weight, grad_mu_bias, grad_logvar_weight, grad_logvar_bias]
+    return grad_x, [*encoder_grads, *middle, *decoder_grads]
+
+
+@torch.no_grad()
+def train_step(
+    module: nn.Module,
+    plan: Plan,
+    x: torch.Tensor,
+    kl_weight: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`vae_loss` and the gradient of its total, set as each weight's `.grad`, without autograd.
+
+    The training loop's step: the same numbers as `vae_loss(...)[0].backward()` (after
+    dropping the old gradients), without building or walking an autograd graph.
+
+    Parameters
+    ----------
+    module, plan, x, kl_weight, generator
+        As for `vae_loss`.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The negative ELBO, its reconstruction and its KL part (scalars, averaged over cells).
+    """
+    recon, kl, saved = _forward(x, plan, generator, module.training)
+    n = x.shape[0]
+    _, grads = _gradients(plan, saved, 1.0 / n, kl_weight / n, needs_x=False)
+    layers = plan.linears()
+    for i, layer in enumerate(layers):
+        layer.weight.grad, layer.bias.grad = grads[2 * i], grads[2 * i + 1]
+    return recon + kl_weight * kl, recon, kl
+
+
 class _VAELoss(torch.autograd.Function):
     """encoder -> (mu, logvar) -> z = mu + eps * std -> decoder -> Bernoulli NLL, + KL."""
 
@@ -200,51 +300,18 @@ class _VAELoss(torch.autograd.Function):
         training: bool,
         *weights: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        encoded, encoder_masks = _run_blocks(x, plan.encoder, training)
-        h = encoded[-1]
-        mu = _forward_linear(h, plan.mu)
-        logvar = _forward_linear(h, plan.logvar)
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        std = torch.exp(0.5 * logvar)
-        z = torch.addcmul(mu, eps, std)
-        kl = (0.5 * (torch.addcmul(std.square() - logvar, mu, mu) - 1).sum(dim=-1)).mean()
-        decoded, decoder_masks = _run_blocks(z, plan.decoder, training)
-        logits = decoded[-1]
-        recon = (F.softplus(logits).sum(dim=-1) - torch.linalg.vecdot(x, logits)).mean()
-        ctx.plan, ctx.kl_weight = plan, kl_weight
-        ctx.saved = (encoded, encoder_masks, mu, eps, std, decoded, decoder_masks)
-        ctx.x_needs_grad = x.requires_grad
+        recon, kl, saved = _forward(x, plan, generator, training)
+        ctx.plan, ctx.kl_weight, ctx.saved = plan, kl_weight, saved
         return recon + kl_weight * kl, recon, kl
 
     @staticmethod
     def backward(
         ctx: Any, grad_total: torch.Tensor, grad_recon: torch.Tensor, grad_kl: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        plan: Plan = ctx.plan
-        encoded, encoder_masks, mu, eps, std, decoded, decoder_masks = ctx.saved
-        x, logits = encoded[0], decoded[-1]
-        n = x.shape[0]
+        n = ctx.saved.encoded[0].shape[0]
         per_recon = (grad_total + grad_recon) / n
         per_kl = (grad_total * ctx.kl_weight + grad_kl) / n
-        grad_logits = torch.sigmoid(logits).sub_(x).mul_(per_recon)
-        grad_z, decoder_grads = _backward_blocks(
-            grad_logits, plan.decoder, decoded, decoder_masks, needs_input=True
+        grad_x, grads = _gradients(
+            ctx.plan, ctx.saved, per_recon, per_kl, needs_x=ctx.needs_input_grad[0]
         )
-        grad_mu = torch.addcmul(grad_z, per_kl, mu)
-        grad_logvar = 0.5 * torch.addcmul(grad_z * eps * std, per_kl, std.square() - 1)
-        h = encoded[-1]
-        grad_h, grad_mu_weight, grad_mu_bias = _backward_linear(
-            grad_mu, h, plan.mu, needs_input=True
-        )
-        grad_h_logvar, grad_logvar_weight, grad_logvar_bias = _backward_linear(
-            grad_logvar, h, plan.logvar, needs_input=True
-        )
-        grad_x, encoder_grads = _backward_blocks(
-            grad_h.add_(grad_h_logvar),
-            plan.encoder,
-            encoded,
-            encoder_masks,
-            needs_input=ctx.x_needs_grad,
-        )
-        middle = [grad_mu_weight, grad_mu_bias, grad_logvar_weight, grad_logvar_bias]
-        return (grad_x, None, None, None, None, *encoder_grads, *middle, *decoder_grads)
+        return (grad_x, None, None, None, None, *grads)

@@ -1,6 +1,7 @@
 """Training loop: Adam, KL warm-up, early stopping on validation loss, per-epoch callback.
 
-Batches are cut from the (possibly sparse CSR) matrix on the fly, so only one batch is ever dense.
+Batches are cut from the (possibly sparse CSR) matrix on the fly, so only one batch is ever dense
+(a sparse matrix small enough is made dense once, `melvae.data.loader.densified`).
 Runs are deterministic for a seed: shuffling and the reparameterisation noise come from private
 generators seeded from `TrainConfig.seed`; dropout's draws from torch's global generator are
 seeded from it too, and the caller's global generator state is restored afterwards.
@@ -30,9 +31,10 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from melvae.data.loader import batches
+from melvae.data.loader import batches, densified
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
+from melvae.fused import plan_of, train_step
 from melvae.module import VAEModule
 from melvae.params import PARAMS, names
 
@@ -243,7 +245,9 @@ def train_vae(
     without a lower validation loss, and the weights of the best epoch are restored at the end,
     also when training is interrupted by an exception. A NaN/inf loss raises NonFiniteLossError.
     """
-    train_x, val_x = _checked(module, train_x, "train"), _checked(module, val_x, "val")
+    train_x, val_x = (
+        densified(_checked(module, x, name)) for x, name in [(train_x, "train"), (val_x, "val")]
+    )
     device = resolve_device(config.device)
     module.to(device)
     order_rng = np.random.default_rng(config.seed)
@@ -333,10 +337,14 @@ def _train_epoch(
     device = _device_of(module)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     order = order_rng.permutation(x.shape[0])
+    plan = plan_of(module)
     for xb in batches(x, config.batch_size, order=order, device=device):
-        parts = module.loss(xb, kl_weight, generator=noise)
-        optimizer.zero_grad()
-        parts.total.backward()
+        if plan is None:
+            parts = module.loss(xb, kl_weight, generator=noise)
+            optimizer.zero_grad()
+            parts.total.backward()
+        else:  # the common architecture: loss and gradients by hand, no autograd graph
+            parts = train_step(module, plan, xb, kl_weight, noise)
         optimizer.step()
         totals += torch.stack(parts).detach() * len(xb)
     result = _per_cell(totals, x.shape[0])

@@ -3,7 +3,10 @@
 Only the rows asked for are ever made dense, so a cells × genes matrix of any size trains in
 memory bounded by the batch. scipy's CSR row indexing plus `toarray` is the fastest way found to
 cut a batch (~0.5 ms for 32 × 17,994 genes at 25 % non-zero, against ~7 ms for a numpy scatter
-and ~50 ms for torch's sparse CSR `to_dense`), so it is used as is.
+and ~50 ms for torch's sparse CSR `to_dense`), so it is used as is. A sparse matrix small enough
+to hold dense (`DENSE_LIMIT`) is made dense once instead (`densified`): cutting a batch is then
+a row copy: 0.021 instead of 0.136 ms a batch of 32 cells at 2,000 genes (of a ~4 ms step),
+0.13 instead of 0.32 ms at 17,994 genes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,17 @@ import scipy.sparse as sp
 import torch
 
 Matrix = np.ndarray | sp.csr_matrix
+# A sparse matrix of at most this many bytes dense is made dense once (`densified`): the
+# original study's 1,933 training cells x 17,994 genes are 139 MB.
+DENSE_LIMIT = 256 * 2**20
+
+
+def densified(x: Matrix, limit: int = DENSE_LIMIT) -> Matrix:
+    """`x` as a dense float32 array if it is sparse and takes at most `limit` bytes dense, else
+    `x` itself (batches are then cut from it row by row)."""
+    if not sp.issparse(x) or x.shape[0] * x.shape[1] * 4 > limit:
+        return x
+    return x.toarray().astype(np.float32, copy=False)
 
 
 def dense_rows(x: Matrix, rows: np.ndarray | slice) -> torch.Tensor:
