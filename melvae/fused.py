@@ -251,6 +251,8 @@ def _gradients(
         saved.encoder_masks,
         needs_input=needs_x,
     )
+    if grad_x is not None:  # the loss also reads x itself: d(-x * logits)/dx
+        grad_x.sub_(logits * per_recon)
     middle = [grad_mu_weight, grad_mu_bias, grad_logvar_weight, grad_logvar_bias]
     return grad_x, [*encoder_grads, *middle, *decoder_grads]
 

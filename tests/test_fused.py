@@ -1,0 +1,118 @@
+"""melvae.fused: the hand-written loss and gradients equal the plain module's autograd ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import melvae.layers
+import melvae.train
+from melvae.fused import plan_of, train_step
+from melvae.module import VAEModule
+from melvae.train import TrainConfig, train_vae
+
+COVERED = [
+    pytest.param({}, id="original"),
+    pytest.param({"n_layers": 2, "dropout": 0.2}, id="2-layers-dropout"),
+    pytest.param({"n_layers": 3, "dropout": 0.1}, id="3-layers-dropout"),
+]
+
+
+@pytest.fixture(params=[False, True], ids=["plain-products", "arranged-products"])
+def layout(request, monkeypatch):
+    """Both product layouts of the gene-facing layers (arranged: small layers count as wide)."""
+    if request.param:
+        monkeypatch.setattr(melvae.layers, "MIN_WIDTH", 4)
+        monkeypatch.setattr(melvae.layers, "GENE_BLOCK", 3)
+
+
+def _module(**architecture) -> VAEModule:
+    torch.manual_seed(0)
+    return VAEModule(11, 6, 3, **architecture).double()
+
+
+def _x(cells: int = 7) -> torch.Tensor:
+    return torch.rand(cells, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _loss_and_grads(module: VAEModule, loss, x: torch.Tensor):
+    """Loss parts and gradients (weights, then x) of total + 0.3 * recon - 0.2 * kl."""
+    torch.manual_seed(5)  # dropout's draws
+    parts = loss(x, 0.7, generator=torch.Generator().manual_seed(3))
+    weights = list(module.parameters())
+    grads = torch.autograd.grad(parts.total + 0.3 * parts.recon - 0.2 * parts.kl, [*weights, x])
+    return [p.detach() for p in parts], grads
+
+
+@pytest.mark.parametrize("architecture", COVERED)
+def test_fused_loss_and_its_gradients_equal_autograds_on_the_plain_module(
+    layout, architecture
+) -> None:
+    module = _module(**architecture)
+    assert plan_of(module) is not None
+    x = _x().requires_grad_()
+    fused, plain = (_loss_and_grads(module, f, x) for f in (module.loss, module.autograd_loss))
+    for got, want in zip([*fused[0], *fused[1]], [*plain[0], *plain[1]], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", COVERED)
+def test_train_step_sets_the_gradients_of_the_total_loss(layout, architecture) -> None:
+    module = _module(**architecture)
+    x = _x()
+    torch.manual_seed(5)
+    want_parts = module.autograd_loss(x, 0.7, generator=torch.Generator().manual_seed(3))
+    want = torch.autograd.grad(want_parts.total, list(module.parameters()))
+    torch.manual_seed(5)
+    parts = train_step(module, plan_of(module), x, 0.7, torch.Generator().manual_seed(3))
+    for got, expected in zip(parts, want_parts, strict=True):
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-12)
+    for p, g in zip(module.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    [{"norm": "layer"}, {"norm": "batch"}, {"activation": "gelu"}, {"likelihood": "gaussian"}],
+    ids=["layer-norm", "batch-norm", "gelu", "gaussian"],
+)
+def test_other_architectures_take_the_plain_path(architecture) -> None:
+    module = _module(**architecture)
+    assert plan_of(module) is None
+    x = _x()
+    got = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3))
+    want = module.autograd_loss(x, 0.7, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_a_decoder_that_reads_more_than_the_latent_code_takes_the_plain_path() -> None:
+    module = _module()
+    module.decoder[0] = torch.nn.Linear(3 + 2, 6).double()  # e.g. a one-hot batch appended
+    assert plan_of(module) is None
+
+
+def test_training_with_the_fused_step_ends_where_the_plain_path_ends(monkeypatch) -> None:
+    """A few epochs of Adam with dropout: the same weights within float rounding, and a seed
+    gives exactly the same weights twice."""
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 11)).astype(np.float32)
+    config = TrainConfig(epochs=3, batch_size=16, early_stopping_patience=None, seed=2)
+
+    def trained() -> VAEModule:
+        torch.manual_seed(0)
+        module = VAEModule(11, 6, 3, n_layers=2, dropout=0.1)
+        train_vae(module, x[:45], x[45:], config, progress=False)
+        return module
+
+    fused, again = trained(), trained()
+    monkeypatch.setattr(melvae.train, "plan_of", lambda module: None)
+    plain = trained()
+    for (name, a), b, c in zip(
+        fused.state_dict().items(),
+        again.state_dict().values(),
+        plain.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=name)
