@@ -40,8 +40,8 @@ PARTS: dict[str, tuple[str, ...]] = {
     "plots (figures)": (
         "melvae.study.objective:loss_curves",
         "melvae.study.objective:tsne_embedding",
-        "melvae.study.runner:_log_study_plots",
     ),
+    "study report": ("melvae.study.runner:report_step",),
     "MLflow logging": (
         "melvae.track:log_metrics",
         "melvae.track:log_params",

@@ -1,16 +1,18 @@
-"""The whole negative ELBO of the common VAE as one autograd node, its gradient written by hand.
+"""The whole negative ELBO of the common VAE, its gradient written by hand.
 
 For the shapes the default study trains (2,000 or 765 genes, hidden 64-512, batches of 32-128
 cells) a step's arithmetic is a few matrix products, and autograd's bookkeeping of the ~20 nodes
-of the plain module (each Linear, activation, the sample, the loss, the means and their sum) is
-a third of the step on top. `vae_loss` computes the same loss as `VAEModule.loss` and, in one
-backward, every weight's gradient with the products of `melvae.layers` (the arranged layouts for
-the gene-facing layers where `WideLinear` uses them) and in-place element-wise passes.
+of the plain module (each Linear, norm, activation, the sample, the loss, the means and their
+sum) comes on top. `vae_loss` computes the same loss as `VAEModule.loss` as one autograd node;
+`train_step` (the training loop's step) computes it and sets every weight's gradient without
+autograd at all. Both use the products of `melvae.layers` (the arranged layouts for the
+gene-facing layers where `WideLinear` uses them), torch's own LayerNorm kernels and in-place
+element-wise passes.
 
-It covers the original architecture and its searched variants without normalisation: 1-3
-Linear + ReLU blocks each side, each optionally followed by dropout, and the Bernoulli
-likelihood. Anything else (another activation or likelihood, a norm, a decoder that reads more
-than the latent code, extra parameters) is not `covered` and takes the plain autograd path.
+They cover the original architecture and the default study's searched variants: 1-3 Linear
+(+ LayerNorm) + ReLU blocks each side, each optionally followed by dropout, and the Bernoulli
+likelihood. Anything else (another activation or likelihood, batch norm, a decoder that reads
+more than the latent code, extra parameters) has no `plan_of` and takes the plain autograd path.
 The same draws are made in the same order as the plain module's (encoder dropout, the noise,
 decoder dropout), so both give the same numbers within float rounding for a seed
 (`tests/test_fused.py` compares losses and gradients).
@@ -31,11 +33,18 @@ from melvae.likelihoods import Bernoulli
 
 @dataclass(frozen=True)
 class Block:
-    """A Linear layer, whether a ReLU follows it, and the dropout probability after that."""
+    """A Linear layer, the LayerNorm after it (or None), whether a ReLU follows, and the dropout
+    probability after that."""
 
     linear: nn.Linear
+    norm: nn.LayerNorm | None
     relu: bool
     dropout: float
+
+    def weights(self) -> list[torch.Tensor]:
+        """The block's parameters in the order its gradients are returned."""
+        norm = [] if self.norm is None else [self.norm.weight, self.norm.bias]
+        return [self.linear.weight, self.linear.bias, *norm]
 
 
 @dataclass(frozen=True)
@@ -47,18 +56,19 @@ class Plan:
     logvar: nn.Linear
     decoder: tuple[Block, ...]
 
-    def linears(self) -> list[nn.Linear]:
-        """Every Linear layer: encoder, mu, logvar, decoder."""
+    def weights(self) -> list[torch.Tensor]:
+        """Every parameter in the order of the gradients: encoder, mu, logvar, decoder."""
+        middle = [self.mu.weight, self.mu.bias, self.logvar.weight, self.logvar.bias]
         return [
-            *(b.linear for b in self.encoder),
-            self.mu,
-            self.logvar,
-            *(b.linear for b in self.decoder),
+            *(w for b in self.encoder for w in b.weights()),
+            *middle,
+            *(w for b in self.decoder for w in b.weights()),
         ]
 
 
 def _blocks(layers: nn.Sequential) -> tuple[Block, ...] | None:
-    """Linear (+ ReLU (+ Dropout)) blocks of `layers`, or None if anything else is in it."""
+    """Linear (+ LayerNorm) (+ ReLU (+ Dropout)) blocks of `layers`, or None if anything else
+    is in it."""
     blocks: list[Block] = []
     items = list(layers)
     i = 0
@@ -66,13 +76,19 @@ def _blocks(layers: nn.Sequential) -> tuple[Block, ...] | None:
         linear = items[i]
         if not isinstance(linear, nn.Linear) or linear.bias is None:
             return None
-        relu = i + 1 < len(items) and isinstance(items[i + 1], nn.ReLU)
-        i += 1 + relu
+        i += 1
+        norm = items[i] if i < len(items) and type(items[i]) is nn.LayerNorm else None
+        if norm is not None:
+            if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
+                return None
+            i += 1
+        relu = i < len(items) and isinstance(items[i], nn.ReLU)
+        i += relu
         dropout = 0.0
         if relu and i < len(items) and isinstance(items[i], nn.Dropout):
             dropout = items[i].p
             i += 1
-        blocks.append(Block(linear, relu, dropout))
+        blocks.append(Block(linear, norm, relu, dropout))
     return tuple(blocks)
 
 
@@ -86,11 +102,12 @@ def plan_of(module: nn.Module) -> Plan | None:
     if not all(b.relu for b in encoder) or not all(b.relu for b in decoder[:-1]):
         return None
     last = decoder[-1]
-    if last.relu or decoder[0].linear.in_features != module.mu.out_features:
+    if last.relu or last.norm is not None:
+        return None
+    if decoder[0].linear.in_features != module.mu.out_features:
         return None
     plan = Plan(encoder, module.mu, module.logvar, decoder)
-    ours = {id(p) for layer in plan.linears() for p in (layer.weight, layer.bias)}
-    if {id(p) for p in module.parameters()} != ours:
+    if {id(p) for p in module.parameters()} != {id(p) for p in plan.weights()}:
         return None
     return plan
 
@@ -122,8 +139,7 @@ def vae_loss(
     tuple of torch.Tensor
         The negative ELBO, its reconstruction and its KL part, each a scalar averaged over cells.
     """
-    weights = [t for layer in plan.linears() for t in (layer.weight, layer.bias)]
-    return _VAELoss.apply(x, kl_weight, plan, generator, module.training, *weights)
+    return _VAELoss.apply(x, kl_weight, plan, generator, module.training, *plan.weights())
 
 
 def _forward_linear(h: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -145,14 +161,31 @@ def _backward_linear(
     return grad_input, grad_weight, grad.sum(dim=0)
 
 
+@dataclass(frozen=True)
+class _BlockState:
+    """What a block's gradient needs besides its input and output: its dropout mask and its
+    LayerNorm's input, mean and reciprocal standard deviation (None where it has none)."""
+
+    mask: torch.Tensor | None = None
+    norm_input: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    rstd: torch.Tensor | None = None
+
+
 def _run_blocks(
     h: torch.Tensor, blocks: tuple[Block, ...], training: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Each block's input (then the last output), and its dropout mask (None without)."""
-    inputs, masks = [h], []
+) -> tuple[list[torch.Tensor], list[_BlockState]]:
+    """Each block's input (then the last output), and its `_BlockState`."""
+    inputs, states = [h], []
     for block in blocks:
         h = _forward_linear(h, block.linear)
-        mask = None
+        norm_input = mean = rstd = mask = None
+        if block.norm is not None:
+            norm = block.norm
+            norm_input = h
+            h, mean, rstd = torch.native_layer_norm(
+                h, norm.normalized_shape, norm.weight, norm.bias, norm.eps
+            )
         if block.relu:
             h = h.relu_()
             if training and block.dropout > 0:
@@ -160,52 +193,66 @@ def _run_blocks(
                 mask = torch.empty_like(h).bernoulli_(1 - block.dropout).div_(1 - block.dropout)
                 h = h * mask
         inputs.append(h)
-        masks.append(mask)
-    return inputs, masks
+        states.append(_BlockState(mask, norm_input, mean, rstd))
+    return inputs, states
 
 
 def _backward_blocks(
     grad: torch.Tensor,
     blocks: tuple[Block, ...],
     inputs: list[torch.Tensor],
-    masks: list[torch.Tensor | None],
+    states: list[_BlockState],
     needs_input: bool,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The gradient at the blocks' input and [weight, bias] gradients of every block, in order."""
+    """The gradient at the blocks' input and the gradients of every block's `weights()`."""
     grads: list[torch.Tensor] = []
     for i in range(len(blocks) - 1, -1, -1):
-        block = blocks[i]
+        block, state = blocks[i], states[i]
         if block.relu:
-            if masks[i] is not None:
-                grad = grad * masks[i]
+            if state.mask is not None:
+                grad = grad * state.mask
             grad = torch.ops.aten.threshold_backward(grad, inputs[i + 1], 0)
+        norm_grads: list[torch.Tensor] = []
+        if block.norm is not None:
+            norm = block.norm
+            grad, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+                grad,
+                state.norm_input,
+                norm.normalized_shape,
+                state.mean,
+                state.rstd,
+                norm.weight,
+                norm.bias,
+                [True, True, True],
+            )
+            norm_grads = [grad_norm_weight, grad_norm_bias]
         needs = needs_input or i > 0
         grad, grad_weight, grad_bias = _backward_linear(
             grad, inputs[i], block.linear, needs_input=needs
         )
-        grads[:0] = [grad_weight, grad_bias]
+        grads[:0] = [grad_weight, grad_bias, *norm_grads]
     return grad, grads
 
 
 @dataclass
 class _Saved:
     """What the gradient needs of a forward pass: each block's input (then its output) and
-    dropout mask, the posterior mean, the noise and the posterior standard deviation."""
+    `_BlockState`, the posterior mean, the noise and the posterior standard deviation."""
 
     encoded: list[torch.Tensor]
-    encoder_masks: list[torch.Tensor | None]
+    encoder_states: list[_BlockState]
     mu: torch.Tensor
     eps: torch.Tensor
     std: torch.Tensor
     decoded: list[torch.Tensor]
-    decoder_masks: list[torch.Tensor | None]
+    decoder_states: list[_BlockState]
 
 
 def _forward(
     x: torch.Tensor, plan: Plan, generator: torch.Generator | None, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor, _Saved]:
     """(recon, kl), each averaged over cells, and what their gradient needs."""
-    encoded, encoder_masks = _run_blocks(x, plan.encoder, training)
+    encoded, encoder_states = _run_blocks(x, plan.encoder, training)
     h = encoded[-1]
     mu = _forward_linear(h, plan.mu)
     logvar = _forward_linear(h, plan.logvar)
@@ -214,11 +261,11 @@ def _forward(
     z = torch.addcmul(mu, eps, std)
     n = x.shape[0]
     kl = 0.5 * (torch.addcmul(std.square() - logvar, mu, mu).sum() - mu.numel()) / n
-    decoded, decoder_masks = _run_blocks(z, plan.decoder, training)
+    decoded, decoder_states = _run_blocks(z, plan.decoder, training)
     logits = decoded[-1]
     # sum(x * logits) as one BLAS dot product: no cells x genes temporary.
     recon = (F.softplus(logits).sum() - torch.dot(x.reshape(-1), logits.reshape(-1))) / n
-    saved = _Saved(encoded, encoder_masks, mu, eps, std, decoded, decoder_masks)
+    saved = _Saved(encoded, encoder_states, mu, eps, std, decoded, decoder_states)
     return recon, kl, saved
 
 
@@ -229,12 +276,12 @@ def _gradients(
     per_kl: torch.Tensor | float,
     needs_x: bool,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The input's gradient (if `needs_x`) and every weight's, in `plan.linears()` order
-    (weight, bias each), given the gradient of each cell's recon (`per_recon`) and KL term."""
+    """The input's gradient (if `needs_x`) and every weight's, in `plan.weights()` order, given
+    the gradient of each cell's recon (`per_recon`) and KL term (`per_kl`)."""
     x, logits = saved.encoded[0], saved.decoded[-1]
     grad_logits = torch.sigmoid(logits).sub_(x).mul_(per_recon)
     grad_z, decoder_grads = _backward_blocks(
-        grad_logits, plan.decoder, saved.decoded, saved.decoder_masks, needs_input=True
+        grad_logits, plan.decoder, saved.decoded, saved.decoder_states, needs_input=True
     )
     mu, eps, std = saved.mu, saved.eps, saved.std
     grad_mu = grad_z + per_kl * mu
@@ -248,7 +295,7 @@ def _gradients(
         grad_h.add_(grad_h_logvar),
         plan.encoder,
         saved.encoded,
-        saved.encoder_masks,
+        saved.encoder_states,
         needs_input=needs_x,
     )
     if grad_x is not None:  # the loss also reads x itself: d(-x * logits)/dx
@@ -283,9 +330,8 @@ def train_step(
     recon, kl, saved = _forward(x, plan, generator, module.training)
     n = x.shape[0]
     _, grads = _gradients(plan, saved, 1.0 / n, kl_weight / n, needs_x=False)
-    layers = plan.linears()
-    for i, layer in enumerate(layers):
-        layer.weight.grad, layer.bias.grad = grads[2 * i], grads[2 * i + 1]
+    for weight, grad in zip(plan.weights(), grads, strict=True):
+        weight.grad = grad
     return recon + kl_weight * kl, recon, kl
 
 

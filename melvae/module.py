@@ -120,9 +120,9 @@ class VAEModule(nn.Module):
         """Negative ELBO: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
         One reparameterised sample per cell, drawn from `generator` (the global RNG if None).
-        A module `melvae.fused` covers (the original architecture and its variants without
-        norms) computes it as one autograd node; the numbers are `autograd_loss`'s within float
-        rounding.
+        A module `melvae.fused` covers (ReLU blocks with or without layer norm and dropout, the
+        Bernoulli likelihood) computes it as one autograd node; the numbers are
+        `autograd_loss`'s within float rounding.
         """
         plan = plan_of(self)
         if plan is not None:

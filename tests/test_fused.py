@@ -16,6 +16,7 @@ COVERED = [
     pytest.param({}, id="original"),
     pytest.param({"n_layers": 2, "dropout": 0.2}, id="2-layers-dropout"),
     pytest.param({"n_layers": 3, "dropout": 0.1}, id="3-layers-dropout"),
+    pytest.param({"n_layers": 2, "norm": "layer", "dropout": 0.1}, id="layer-norm-dropout"),
 ]
 
 
@@ -74,8 +75,8 @@ def test_train_step_sets_the_gradients_of_the_total_loss(layout, architecture) -
 
 @pytest.mark.parametrize(
     "architecture",
-    [{"norm": "layer"}, {"norm": "batch"}, {"activation": "gelu"}, {"likelihood": "gaussian"}],
-    ids=["layer-norm", "batch-norm", "gelu", "gaussian"],
+    [{"norm": "batch"}, {"activation": "gelu"}, {"likelihood": "gaussian"}],
+    ids=["batch-norm", "gelu", "gaussian"],
 )
 def test_other_architectures_take_the_plain_path(architecture) -> None:
     module = _module(**architecture)
@@ -101,7 +102,7 @@ def test_training_with_the_fused_step_ends_where_the_plain_path_ends(monkeypatch
 
     def trained() -> VAEModule:
         torch.manual_seed(0)
-        module = VAEModule(11, 6, 3, n_layers=2, dropout=0.1)
+        module = VAEModule(11, 6, 3, n_layers=2, dropout=0.1, norm="layer")
         train_vae(module, x[:45], x[45:], config, progress=False)
         return module
 
