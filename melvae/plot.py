@@ -17,12 +17,15 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 from numpy.typing import ArrayLike
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
 from melvae.errors import InputError
 from melvae.metrics import clean_labels
 from melvae.subsample import stratified_subsample
 
 UNLABELLED = "(no label)"
+# Threads of the OpenMP and BLAS pools while t-SNE runs (see `tsne_coordinates`).
+TSNE_THREADS = 1
 
 
 class LossHistory(Protocol):
@@ -85,7 +88,10 @@ def loss_curves(history: LossHistory) -> Figure:
 def tsne_coordinates(latent: ArrayLike, *, seed: int = 0) -> np.ndarray:
     """2-D t-SNE coordinates (cells × 2) of a latent matrix; deterministic for a seed.
 
-    Perplexity is 30, capped below n_cells / 3 so small sets still embed.
+    Perplexity is 30, capped below n_cells / 3 so small sets still embed. It runs in one thread
+    (`TSNE_THREADS`): a study's t-SNE of its validation cells took 0.5 s wall in one thread and
+    2.4-8.5 s in OpenMP's default two on this 2-core machine shared with other jobs (105 cells),
+    and `run` already spends the cores on parallel trials.
     """
     x = np.asarray(latent, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
@@ -97,7 +103,8 @@ def tsne_coordinates(latent: ArrayLike, *, seed: int = 0) -> np.ndarray:
     perplexity = min(30.0, max(1.0, (x.shape[0] - 1) / 3))
     init = "pca" if min(x.shape) >= 2 else "random"  # PCA init needs two components
     tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
-    return tsne.fit_transform(x)
+    with threadpool_limits(limits=TSNE_THREADS):
+        return tsne.fit_transform(x)
 
 
 def palette(n: int) -> list:

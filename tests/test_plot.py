@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import matplotlib
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from melvae import plot
 from melvae.errors import InputError
@@ -77,6 +77,23 @@ def test_tsne_coordinates_shape_determinism_and_tiny_inputs():
     # perplexity is capped for few cells; a 1-D latent cannot use PCA initialisation
     assert plot.tsne_coordinates(latent[:4]).shape == (4, 2)
     assert plot.tsne_coordinates(latent[:, :1]).shape == (40, 2)
+
+
+def test_tsne_coordinates_runs_in_one_thread_and_gives_the_threads_back(monkeypatch):
+    seen = []
+    fit = plot.TSNE.fit_transform
+
+    def recording(self, x):
+        seen.append({pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()})
+        return fit(self, x)
+
+    monkeypatch.setattr(plot.TSNE, "fit_transform", recording)
+    with threadpool_limits(limits=2):  # as on a 2-core machine, whatever this one has
+        before = {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
+        plot.tsne_coordinates(np.random.default_rng(0).normal(size=(20, 3)))
+        after = {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
+    assert seen and all(n == 1 for n in seen[0].values())
+    assert after == before
 
 
 def test_tsne_coordinates_rejects_nan():
