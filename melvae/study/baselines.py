@@ -59,9 +59,10 @@ class PCAEmbedding:
 
 
 def score(model: Embedding, data: PreparedData) -> dict[str, float]:
-    """Validation metrics, selection score and held-out test_* metrics, as trials log them."""
+    """Validation metrics, selection score, batch metrics and held-out test_* metrics, as trials
+    log them."""
     scores = SplitScores(model, data)
-    return scores.final("val") | scores.bio() | scores.test()
+    return scores.final("val") | scores.bio() | scores.batch("val") | scores.test()
 
 
 @dataclass(frozen=True)
