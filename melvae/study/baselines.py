@@ -9,20 +9,36 @@ at a glance whether the VAE earned its keep. A documented experiment that the st
 to completion as a seed trial with the same epoch budget is reloaded from that trial rather than
 trained again (the run is tagged `reused_trial`); PCA is fitted on the same bounded, stratified
 subsample of training cells as the metrics (`metric_cells`), so it never densifies an atlas.
+
+Data with a batch key (patients, samples) also get two standard batch corrections, so the margin
+table says whether the VAE mixes patients better than they do: PCA after ComBat
+(`scanpy.pp.combat`) and Harmony (harmonypy) on PCA, with the champion's latent size and 10
+components. Both are transductive: they estimate each batch's shift from the cells being
+corrected and cannot map a new cell on their own. Here each is fitted on the (bounded) training
+cells: ComBat on them, then PCA on the corrected training cells; PCA on them, then Harmony. To
+encode validation or test cells, the correction is run again on the training cells together with
+those cells (each cell once), and the new cells' corrected values are kept (through the PCA
+fitted on the training cells, for ComBat). So a held-out cell's own batch, and the other held-out
+cells of its batch, set its correction: labels are never used, but the held-out cells' expression
+is, which a VAE encoding one cell at a time does not get.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anndata as ad
+import harmonypy
 import numpy as np
 import optuna
 import pandas as pd
+import scanpy as sc
 from sklearn.decomposition import PCA
 
 from melvae import track
+from melvae.errors import InputError
 from melvae.faultpoint import stop_point
 from melvae.preprocess import Preprocessor, align_genes
 from melvae.register import load_model
@@ -34,27 +50,120 @@ PCA_SIZES = (10,)  # besides the champion's own latent size
 LOWER_IS_BETTER = {"davies_bouldin"}
 
 
+def _prepared(preprocessor: Preprocessor, adata: ad.AnnData) -> np.ndarray:
+    """The cells' preprocessed matrix, dense float64, in the training genes' order."""
+    matrix, _ = align_genes(adata, preprocessor.genes)
+    x = preprocessor.transform_matrix(matrix)
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
 class PCAEmbedding:
     """PCA fitted on the preprocessed training cells; encodes and reconstructs like a MelVAE."""
 
     def __init__(self, preprocessor: Preprocessor, train: ad.AnnData, n_components: int) -> None:
         self.preprocessor = preprocessor
-        x = self._prepare(train)
+        x = _prepared(preprocessor, train)
         self.pca = PCA(n_components=min(n_components, *x.shape), random_state=0).fit(x)
 
-    def _prepare(self, adata: ad.AnnData) -> np.ndarray:
-        matrix, _ = align_genes(adata, self.preprocessor.genes)
-        x = self.preprocessor.transform_matrix(matrix)
-        return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
-
     def encode(self, adata: ad.AnnData) -> np.ndarray:
-        return self.pca.transform(self._prepare(adata))
+        return self.pca.transform(_prepared(self.preprocessor, adata))
 
     def encode_and_reconstruct(
         self, adata: ad.AnnData
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = self._prepare(adata)
+        x = _prepared(self.preprocessor, adata)
         latent = self.pca.transform(x)
+        return latent, x, self.pca.inverse_transform(latent)
+
+
+BATCH_CORRECTIONS = ("combat-pca", "harmony")
+
+
+def _combat(x: np.ndarray, batches: np.ndarray) -> np.ndarray:
+    """ComBat-corrected copy of a cells × genes matrix (scanpy.pp.combat)."""
+    with warnings.catch_warnings():
+        # A gene constant within a batch divides by zero in ComBat's convergence check only.
+        warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
+        warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
+        corrected = sc.pp.combat(ad.AnnData(x, obs={"batch": batches}), "batch", inplace=False)
+    if not np.isfinite(corrected).all():
+        raise InputError(
+            "ComBat produced NaN values",
+            where="baseline combat-pca",
+            fix="every batch needs at least two cells with varying expression",
+        )
+    return np.asarray(corrected)
+
+
+def _harmony(coordinates: np.ndarray, batches: np.ndarray) -> np.ndarray:
+    """Harmony-corrected copy of PCA coordinates (harmonypy, fixed seed)."""
+    harmony = harmonypy.run_harmony(
+        coordinates, pd.DataFrame({"batch": batches}), ["batch"], verbose=False, random_state=0
+    )
+    return np.asarray(harmony.Z_corr)
+
+
+class BatchCorrectedEmbedding:
+    """PCA after ComBat (`method` "combat-pca") or Harmony on PCA ("harmony"), fitted on the
+    training cells; the correction is rerun on the training cells together with the cells to
+    encode (each cell once), see the module docstring.
+
+    Parameters
+    ----------
+    preprocessor
+        The study's training-split preprocessing.
+    train
+        The training cells the correction and PCA are fitted on.
+    batch_key
+        The obs column naming each cell's batch.
+    n_components
+        PCA components (the latent size).
+    method
+        One of `BATCH_CORRECTIONS`.
+    """
+
+    def __init__(
+        self,
+        preprocessor: Preprocessor,
+        train: ad.AnnData,
+        batch_key: str,
+        n_components: int,
+        method: str,
+    ) -> None:
+        self.preprocessor = preprocessor
+        self.batch_key = batch_key
+        self.method = method
+        self.train_names = train.obs_names
+        self.train_x = _prepared(preprocessor, train)
+        self.train_batches = train.obs[batch_key].astype(str).to_numpy()
+        fit_on = _combat(self.train_x, self.train_batches) if method == "combat-pca" else None
+        self.pca = PCA(n_components=min(n_components, *self.train_x.shape), random_state=0)
+        self.pca.fit(self.train_x if fit_on is None else fit_on)
+
+    def _encode(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+        """(latent, uncorrected input) of the cells, corrected with the training cells."""
+        x = _prepared(self.preprocessor, adata)
+        rows = self.train_names.get_indexer(adata.obs_names)
+        fresh = rows < 0
+        rows[fresh] = self.train_x.shape[0] + np.arange(fresh.sum())
+        batches = adata.obs[self.batch_key].astype(str).to_numpy()
+        joint_x = np.vstack([self.train_x, x[fresh]])
+        joint_batches = np.concatenate([self.train_batches, batches[fresh]])
+        if self.method == "combat-pca":
+            latent = self.pca.transform(_combat(joint_x, joint_batches))
+        else:
+            latent = _harmony(self.pca.transform(joint_x), joint_batches)
+        return latent[rows], x
+
+    def encode(self, adata: ad.AnnData) -> np.ndarray:
+        return self._encode(adata)[0]
+
+    def encode_and_reconstruct(
+        self, adata: ad.AnnData
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The latent, the uncorrected input and the PCA reconstruction of the latent (which
+        lacks the batch shift the correction removed)."""
+        latent, x = self._encode(adata)
         return latent, x, self.pca.inverse_transform(latent)
 
 
@@ -73,15 +182,23 @@ class Baseline:
     params: dict[str, object]
 
 
-def baselines_for(config: StudyConfig, latent_dim: int) -> list[Baseline]:
-    """PCA with the champion's latent size and 10, then the study's documented experiments."""
+def baselines_for(
+    config: StudyConfig, latent_dim: int, *, batch_key: str | None = None
+) -> list[Baseline]:
+    """PCA with the champion's latent size and 10, then (with a batch key) ComBat + PCA and
+    Harmony with the same sizes, then the study's documented experiments."""
     sizes = sorted({latent_dim, *PCA_SIZES})
     pcas = [Baseline(f"pca-{n}", {"method": "pca", "n_components": n}) for n in sizes]
+    corrections = [
+        Baseline(f"{method}-{n}", {"method": method, "n_components": n})
+        for method in (BATCH_CORRECTIONS if batch_key is not None else ())
+        for n in sizes
+    ]
     experiments = [
         Baseline(f"experiment-{i + 1}", {"method": "vae", **config.fixed_params(), **seed})
         for i, seed in enumerate(config.seed_trials)
     ]
-    return pcas + experiments
+    return pcas + corrections + experiments
 
 
 def build(
@@ -94,9 +211,16 @@ def build(
 ) -> Embedding:
     """Fit the baseline on the study's training split."""
     params = dict(baseline.params)
-    if params.pop("method") == "pca":
+    method = params.pop("method")
+    if method == "pca":
         cells, _ = metric_cells(data, "train")
         return PCAEmbedding(data.preprocessor, cells, int(params["n_components"]))
+    if method in BATCH_CORRECTIONS:
+        cells, _ = metric_cells(data, "train")
+        n_components = int(params["n_components"])
+        return BatchCorrectedEmbedding(
+            data.preprocessor, cells, str(data.batch_key), n_components, method
+        )
     if epochs_cap is not None:
         params["epochs"] = min(int(params["epochs"]), epochs_cap)
     return fit_with_params(config, data, params, progress=progress)
@@ -118,7 +242,7 @@ def run_baselines(
     latent_dim = int(champion.params.get("latent_dim", config.architecture["latent_dim"]))
     results = {}
     tags = {"baseline": "true", track.ROLE: track.BASELINE_ROLE, "dataset": data.dataset_key}
-    for baseline in baselines_for(config, latent_dim):
+    for baseline in baselines_for(config, latent_dim, batch_key=data.batch_key):
         run_name = f"baseline-{baseline.name}"
         with track.nested_run(experiment_id, run_name=run_name, tags=tags):
             track.log_params(baseline.params)
