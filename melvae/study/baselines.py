@@ -14,13 +14,12 @@ Data with a batch key (patients, samples) also get two standard batch correction
 table says whether the VAE mixes patients better than they do: PCA after ComBat
 (`scanpy.pp.combat`) and Harmony (harmonypy) on PCA, with the champion's latent size and 10
 components. Both are transductive: they estimate each batch's shift from the cells being
-corrected and cannot map a new cell on their own. Here each is fitted on the (bounded) training
-cells: ComBat on them, then PCA on the corrected training cells; PCA on them, then Harmony. To
-encode validation or test cells, the correction is run again on the training cells together with
-those cells (each cell once), and the new cells' corrected values are kept (through the PCA
-fitted on the training cells, for ComBat). So a held-out cell's own batch, and the other held-out
-cells of its batch, set its correction: labels are never used, but the held-out cells' expression
-is, which a VAE encoding one cell at a time does not get.
+corrected and cannot map a new cell on their own. Each is therefore run once on the study's
+(bounded) training, validation and test cells together, as integrations are used in practice;
+PCA is fitted on the training cells only (after ComBat, or before Harmony), and the k-NN of the
+metrics on the training cells as for every model. So the held-out cells' expression (never their
+labels) shapes their own correction, an advantage a VAE that encodes one cell at a time does not
+get.
 """
 
 from __future__ import annotations
@@ -104,16 +103,18 @@ def _harmony(coordinates: np.ndarray, batches: np.ndarray) -> np.ndarray:
 
 
 class BatchCorrectedEmbedding:
-    """PCA after ComBat (`method` "combat-pca") or Harmony on PCA ("harmony"), fitted on the
-    training cells; the correction is rerun on the training cells together with the cells to
-    encode (each cell once), see the module docstring.
+    """PCA after ComBat (`method` "combat-pca") or Harmony on PCA ("harmony"), run once on all
+    the cells it will encode (transductive, see the module docstring); PCA is fitted on the
+    training cells among them.
 
     Parameters
     ----------
     preprocessor
         The study's training-split preprocessing.
-    train
-        The training cells the correction and PCA are fitted on.
+    cells
+        Every cell to correct and encode (training and held-out), each once.
+    training
+        Mask of `cells` that the PCA is fitted on (the training cells).
     batch_key
         The obs column naming each cell's batch.
     n_components
@@ -125,46 +126,46 @@ class BatchCorrectedEmbedding:
     def __init__(
         self,
         preprocessor: Preprocessor,
-        train: ad.AnnData,
+        cells: ad.AnnData,
+        training: np.ndarray,
         batch_key: str,
         n_components: int,
         method: str,
     ) -> None:
-        self.preprocessor = preprocessor
-        self.batch_key = batch_key
-        self.method = method
-        self.train_names = train.obs_names
-        self.train_x = _prepared(preprocessor, train)
-        self.train_batches = train.obs[batch_key].astype(str).to_numpy()
-        fit_on = _combat(self.train_x, self.train_batches) if method == "combat-pca" else None
-        self.pca = PCA(n_components=min(n_components, *self.train_x.shape), random_state=0)
-        self.pca.fit(self.train_x if fit_on is None else fit_on)
-
-    def _encode(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
-        """(latent, uncorrected input) of the cells, corrected with the training cells."""
-        x = _prepared(self.preprocessor, adata)
-        rows = self.train_names.get_indexer(adata.obs_names)
-        fresh = rows < 0
-        rows[fresh] = self.train_x.shape[0] + np.arange(fresh.sum())
-        batches = adata.obs[self.batch_key].astype(str).to_numpy()
-        joint_x = np.vstack([self.train_x, x[fresh]])
-        joint_batches = np.concatenate([self.train_batches, batches[fresh]])
-        if self.method == "combat-pca":
-            latent = self.pca.transform(_combat(joint_x, joint_batches))
+        self.names = cells.obs_names
+        x = _prepared(preprocessor, cells)
+        batches = cells.obs[batch_key].astype(str).to_numpy()
+        pca = PCA(n_components=min(n_components, x.shape[1], int(training.sum())), random_state=0)
+        if method == "combat-pca":
+            corrected = _combat(x, batches)
+            self.latent = pca.fit(corrected[training]).transform(corrected)
         else:
-            latent = _harmony(self.pca.transform(joint_x), joint_batches)
-        return latent[rows], x
+            self.latent = _harmony(pca.fit(x[training]).transform(x), batches)
+        self.x, self.pca = x, pca
+
+    def _rows(self, adata: ad.AnnData) -> np.ndarray:
+        rows = self.names.get_indexer(adata.obs_names)
+        if (rows < 0).any():
+            raise InputError(
+                f"{int((rows < 0).sum())} of the cells were not among those the batch "
+                "correction was run on",
+                where="baseline batch correction",
+                fix="ComBat and Harmony are transductive: build the baseline with every cell "
+                "it is to encode",
+            )
+        return rows
 
     def encode(self, adata: ad.AnnData) -> np.ndarray:
-        return self._encode(adata)[0]
+        return self.latent[self._rows(adata)]
 
     def encode_and_reconstruct(
         self, adata: ad.AnnData
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The latent, the uncorrected input and the PCA reconstruction of the latent (which
         lacks the batch shift the correction removed)."""
-        latent, x = self._encode(adata)
-        return latent, x, self.pca.inverse_transform(latent)
+        rows = self._rows(adata)
+        latent = self.latent[rows]
+        return latent, self.x[rows], self.pca.inverse_transform(latent)
 
 
 def score(model: Embedding, data: PreparedData) -> dict[str, float]:
@@ -216,10 +217,15 @@ def build(
         cells, _ = metric_cells(data, "train")
         return PCAEmbedding(data.preprocessor, cells, int(params["n_components"]))
     if method in BATCH_CORRECTIONS:
-        cells, _ = metric_cells(data, "train")
-        n_components = int(params["n_components"])
+        splits = [metric_cells(data, split)[0] for split in ("train", "val", "test")]
+        training = np.arange(sum(cells.n_obs for cells in splits)) < splits[0].n_obs
         return BatchCorrectedEmbedding(
-            data.preprocessor, cells, str(data.batch_key), n_components, method
+            data.preprocessor,
+            ad.concat(splits),
+            training,
+            str(data.batch_key),
+            int(params["n_components"]),
+            method,
         )
     if epochs_cap is not None:
         params["epochs"] = min(int(params["epochs"]), epochs_cap)
