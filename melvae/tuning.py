@@ -92,6 +92,7 @@ def tune(
     device: str | None = None,
     threads: int | None = None,
     label_key: str | None = None,
+    batch_key: str | None = None,
     name: str = "anndata",
     progress: bool = True,
     heartbeat: int = HEARTBEAT_SECONDS,
@@ -123,6 +124,10 @@ def tune(
     label_key
         The obs column of cell-type labels of an in-memory AnnData (default: the study's
         `[data] label_key`); without one the study selects on fit alone.
+    batch_key
+        The obs column naming each cell's batch (patient, sample), overriding the study's
+        `[data] batch_key`: the model is conditioned on it. Default: the study's (none: no
+        batch covariate).
     name
         The dataset key of an in-memory AnnData: the study and registered model are named
         after it (`<study>-<name>`, `melvae-<name>`).
@@ -158,9 +163,19 @@ def tune(
                 fix="give threads a positive integer, or None for torch's default",
             )
         torch.set_num_threads(threads)
+    if batch_key is not None:
+        config = dataclasses.replace(config, batch_key=batch_key)
     data_path, dataset, prepared = None, None, None
     if isinstance(data, PreparedData):
         prepared = data
+        if prepared.batch_key != config.batch_key:
+            raise InputError(
+                f"the prepared data have batch_key {prepared.batch_key!r}, the study "
+                f"{config.batch_key!r}",
+                where="melvae.tune(data=PreparedData, batch_key=...)",
+                fix="prepare the data with the study's config (runner.prepare_data), or pass "
+                "the batch_key the data were prepared with",
+            )
     elif isinstance(data, ad.AnnData):
         dataset = Dataset(
             name,

@@ -16,9 +16,9 @@ import pandas as pd
 
 from melvae import track
 from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
-from melvae.data.validate import validate_expression, validate_labels
+from melvae.data.validate import validate_batches, validate_expression, validate_labels
 from melvae.errors import InputError
-from melvae.evaluate import BIO_METRICS
+from melvae.evaluate import BATCH_METRICS, BIO_METRICS
 from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
@@ -91,6 +91,9 @@ def prepare_data(
     # rows are only materialised where a step reads them (one split at a time).
     if label_key is not None and adata.obs[label_key].isna().any():
         adata = adata[adata.obs[label_key].notna().to_numpy()]
+    batch_key = validate_batches(
+        adata, config.batch_key, source=source, label_key=label_key, known=dataset.batch_key
+    )
     p = config.preprocess
     splits = split_cells(
         adata,
@@ -111,6 +114,7 @@ def prepare_data(
         test=adata[splits["test"]],
         preprocessor=fit_preprocessor(train, config.preprocess),
         preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
+        batch_key=batch_key,
     )
     check_data_fits(config, data)
     return data
@@ -388,6 +392,7 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
         "dataset_description": data.description,
         "requested_dataset": config.dataset,
         "label_key": data.label_key,
+        "batch_key": data.batch_key,
         "n_train": data.train.n_obs,
         "n_val": data.val.n_obs,
         "n_test": data.test.n_obs,
@@ -422,7 +427,7 @@ def select_champion_step(
         }
         | {
             name: best.user_attrs[name]
-            for name in (*FINAL_METRICS, *BIO_METRICS)
+            for name in (*FINAL_METRICS, *BIO_METRICS, *BATCH_METRICS)
             if name in best.user_attrs
         }
     )
