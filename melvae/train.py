@@ -285,7 +285,7 @@ def train_vae(
                 history.epoch_cpu_seconds.append(time.process_time() - cpu_started)
                 if history.best_epoch < 0 or val["loss"] < history.val_loss[history.best_epoch]:
                     history.best_epoch = epoch
-                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    best_state = _kept(module, best_state)
                     epochs_since_best = 0
                 else:
                     epochs_since_best += 1
@@ -307,6 +307,17 @@ def train_vae(
             if best_state is not None:
                 module.load_state_dict(best_state)
     return history
+
+
+def _kept(module: torch.nn.Module, kept: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s state, written into `kept` (the previous copy) where there is one:
+    no new memory for every better epoch."""
+    state = module.state_dict()
+    if kept is None:
+        return {k: v.detach().clone() for k, v in state.items()}
+    for k, v in state.items():
+        kept[k].copy_(v)
+    return kept
 
 
 @contextlib.contextmanager
