@@ -1,12 +1,12 @@
 """Minibatch loading: dense torch batches and row chunks cut from a large (sparse) matrix.
 
-Only the rows asked for are ever made dense, so a cells × genes matrix of any size trains in
-memory bounded by the batch. scipy's CSR row indexing plus `toarray` is the fastest way found to
-cut a batch (~0.5 ms for 32 × 17,994 genes at 25 % non-zero, against ~7 ms for a numpy scatter
-and ~50 ms for torch's sparse CSR `to_dense`), so it is used as is. A sparse matrix small enough
-to hold dense (`DENSE_LIMIT`) is made dense once instead (`densified`): cutting a batch is then
-a row copy: 0.021 instead of 0.136 ms a batch of 32 cells at 2,000 genes (of a ~4 ms step),
-0.13 instead of 0.32 ms at 17,994 genes.
+Of a large sparse matrix only the rows asked for are ever made dense, so a cells × genes matrix
+of any size trains in memory bounded by the batch. scipy's CSR row indexing plus `toarray` is the
+fastest way found to cut a batch (~0.5 ms for 32 × 17,994 genes at 25 % non-zero, against ~7 ms
+for a numpy scatter and ~50 ms for torch's sparse CSR `to_dense`), so it is used as is. A sparse
+matrix small enough dense and not too sparse (`DENSE_LIMIT`, `DENSE_GROWTH`) is made dense once
+instead (`densified`): cutting a batch is then a row copy, 0.021 instead of 0.136 ms for 32
+cells at 2,000 genes (of a ~4 ms step), 0.13 instead of 0.32 ms at 17,994 genes.
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ Matrix = np.ndarray | sp.csr_matrix
 # A sparse matrix of at most this many bytes dense is made dense once (`densified`): the
 # original study's 1,933 training cells x 17,994 genes are 139 MB.
 DENSE_LIMIT = 256 * 2**20
+# ... and only if dense it takes at most this many times its sparse bytes (a matrix of 25 %
+# non-zero values takes 2x, one of 0.5 % 100x: kept sparse, as its user chose).
+DENSE_GROWTH = 4
 
 
 def densified(x: Matrix, limit: int = DENSE_LIMIT) -> Matrix:
-    """`x` as a dense float32 array if it is sparse and takes at most `limit` bytes dense, else
-    `x` itself (batches are then cut from it row by row)."""
-    if not sp.issparse(x) or x.shape[0] * x.shape[1] * 4 > limit:
+    """`x` as a dense float32 array if it is sparse and dense takes at most `limit` bytes and at
+    most `DENSE_GROWTH` times its sparse bytes, else `x` itself (batches are then cut from it
+    row by row)."""
+    if not sp.issparse(x):
+        return x
+    dense_bytes = x.shape[0] * x.shape[1] * 4
+    sparse_bytes = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+    if dense_bytes > limit or dense_bytes > DENSE_GROWTH * sparse_bytes:
         return x
     return x.toarray().astype(np.float32, copy=False)
 
