@@ -3,9 +3,9 @@
 For the shapes the default study trains (2,000 or 765 genes, hidden 64-512, batches of 32-128
 cells) a step's arithmetic is a few matrix products, and autograd's bookkeeping of the ~20 nodes
 of the plain module (each Linear, norm, activation, the sample, the loss, the means and their
-sum) comes on top. `vae_loss` computes the same loss as `VAEModule.loss` as one autograd node;
-`train_step` (the training loop's step) computes it and sets every weight's gradient without
-autograd at all. Both use the products of `melvae.layers` (the arranged layouts for the
+sum) comes on top. `vae_loss` computes the same loss as `VAEModule.loss` as one autograd node,
+or, for the training loop's step (`step=True`), computes it and sets every weight's gradient
+without autograd at all. Both use the products of `melvae.layers` (the arranged layouts for the
 gene-facing layers where `WideLinear` uses them), torch's own LayerNorm kernels and in-place
 element-wise passes.
 
@@ -118,6 +118,8 @@ def vae_loss(
     x: torch.Tensor,
     kl_weight: float,
     generator: torch.Generator | None,
+    *,
+    step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, recon, kl) of `VAEModule.loss` for a module covered by `plan` (`plan_of`).
 
@@ -134,11 +136,19 @@ def vae_loss(
     generator
         Where the reparameterisation noise is drawn from (torch's global generator if None).
 
+    step
+        The training step: set the gradient of the total as each weight's `.grad` (replacing
+        any there) without building or walking an autograd graph, the same numbers as
+        `vae_loss(...)[0].backward()` after dropping the old gradients.
+
     Returns
     -------
     tuple of torch.Tensor
-        The negative ELBO, its reconstruction and its KL part, each a scalar averaged over cells.
+        The negative ELBO, its reconstruction and its KL part, each a scalar averaged over cells
+        (one autograd node unless `step`).
     """
+    if step:
+        return _step(plan, x, kl_weight, generator, module.training)
     return _VAELoss.apply(x, kl_weight, plan, generator, module.training, *plan.weights())
 
 
@@ -304,35 +314,17 @@ def _gradients(
     return grad_x, [*encoder_grads, *middle, *decoder_grads]
 
 
-@torch.no_grad()
-def train_step(
-    module: nn.Module,
-    plan: Plan,
-    x: torch.Tensor,
-    kl_weight: float,
-    generator: torch.Generator | None,
+def _step(
+    plan: Plan, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`vae_loss` and the gradient of its total, set as each weight's `.grad`, without autograd.
-
-    The training loop's step: the same numbers as `vae_loss(...)[0].backward()` (after
-    dropping the old gradients), without building or walking an autograd graph.
-
-    Parameters
-    ----------
-    module, plan, x, kl_weight, generator
-        As for `vae_loss`.
-
-    Returns
-    -------
-    tuple of torch.Tensor
-        The negative ELBO, its reconstruction and its KL part (scalars, averaged over cells).
-    """
-    recon, kl, saved = _forward(x, plan, generator, module.training)
-    n = x.shape[0]
-    _, grads = _gradients(plan, saved, 1.0 / n, kl_weight / n, needs_x=False)
-    for weight, grad in zip(plan.weights(), grads, strict=True):
-        weight.grad = grad
-    return recon + kl_weight * kl, recon, kl
+    """`vae_loss(..., step=True)`."""
+    with torch.no_grad():
+        recon, kl, saved = _forward(x, plan, generator, training)
+        n = x.shape[0]
+        _, grads = _gradients(plan, saved, 1.0 / n, kl_weight / n, needs_x=False)
+        for weight, grad in zip(plan.weights(), grads, strict=True):
+            weight.grad = grad
+        return recon + kl_weight * kl, recon, kl
 
 
 class _VAELoss(torch.autograd.Function):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from melvae.data.loader import batches, densified
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
-from melvae.fused import plan_of, train_step
+from melvae.fused import plan_of, vae_loss
 from melvae.module import VAEModule
 from melvae.params import PARAMS, names
 
@@ -355,7 +355,7 @@ def _train_epoch(
             optimizer.zero_grad()
             parts.total.backward()
         else:  # the common architecture: loss and gradients by hand, no autograd graph
-            parts = train_step(module, plan, xb, kl_weight, noise)
+            parts = vae_loss(module, plan, xb, kl_weight, noise, step=True)
         optimizer.step()
         totals += torch.stack(parts).detach() * len(xb)
     result = _per_cell(totals, x.shape[0])

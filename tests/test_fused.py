@@ -8,7 +8,7 @@ import torch
 
 import melvae.layers
 import melvae.train
-from melvae.fused import plan_of, train_step
+from melvae.fused import plan_of, vae_loss
 from melvae.module import VAEModule
 from melvae.train import TrainConfig, train_vae
 
@@ -59,14 +59,14 @@ def test_fused_loss_and_its_gradients_equal_autograds_on_the_plain_module(
 
 
 @pytest.mark.parametrize("architecture", COVERED)
-def test_train_step_sets_the_gradients_of_the_total_loss(layout, architecture) -> None:
+def test_the_training_step_sets_the_gradients_of_the_total_loss(layout, architecture) -> None:
     module = _module(**architecture)
     x = _x()
     torch.manual_seed(5)
     want_parts = module.autograd_loss(x, 0.7, generator=torch.Generator().manual_seed(3))
     want = torch.autograd.grad(want_parts.total, list(module.parameters()))
     torch.manual_seed(5)
-    parts = train_step(module, plan_of(module), x, 0.7, torch.Generator().manual_seed(3))
+    parts = vae_loss(module, plan_of(module), x, 0.7, torch.Generator().manual_seed(3), step=True)
     for got, expected in zip(parts, want_parts, strict=True):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-12)
     for p, g in zip(module.parameters(), want, strict=True):
