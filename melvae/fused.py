@@ -30,6 +30,10 @@ from torch import nn
 from melvae.layers import arranged, input_gradient, linear_forward, weight_gradient
 from melvae.likelihoods import Bernoulli
 
+# A layer with at most this many inputs (the latent code) takes its gradient's products
+# transposed; from 32 inputs (hidden 512, 128 cells) the plain products were as fast or faster.
+NARROW_INPUT = 16
+
 
 @dataclass(frozen=True)
 class Block:
@@ -165,6 +169,11 @@ def _backward_linear(
     if arranged(layer, h):
         grad_input = input_gradient(grad, layer.weight) if needs_input else None
         grad_weight = weight_gradient(grad, h)
+    elif layer.in_features <= NARROW_INPUT:
+        # The layer reading the latent code: its two products run 2-4x faster transposed
+        # (64 cells, hidden 512, latent 5: 20 instead of 76 us and 16 instead of 54 us).
+        grad_input = (layer.weight.t() @ grad.t()).t() if needs_input else None
+        grad_weight = (h.t() @ grad).t().contiguous()
     else:
         grad_input = grad @ layer.weight if needs_input else None
         grad_weight = grad.t() @ h
