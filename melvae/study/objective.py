@@ -97,11 +97,13 @@ def fit_with_params(
         likelihood=likelihood,
         train=train_config,
         label_key=data.label_key,
+        batch_key=data.batch_key,
         on_epoch=on_epoch,
         progress=progress,
         origin={
             "dataset": data.dataset_key,
             "label_key": data.label_key,
+            "batch_key": data.batch_key,
             "split": {
                 "seed": config.preprocess.seed,
                 "val_fraction": config.preprocess.val_fraction,

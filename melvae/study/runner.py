@@ -16,7 +16,12 @@ import pandas as pd
 
 from melvae import track
 from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
-from melvae.data.validate import validate_batches, validate_expression, validate_labels
+from melvae.data.validate import (
+    validate_batches,
+    validate_expression,
+    validate_labels,
+    validate_split_batches,
+)
 from melvae.errors import InputError
 from melvae.evaluate import BIO_METRICS
 from melvae.model import MelVAE
@@ -116,6 +121,9 @@ def prepare_data(
         preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
         batch_key=batch_key,
     )
+    if batch_key is not None:
+        split_names = ("train", "val", "test")
+        validate_split_batches({s: data.batches(s) for s in split_names}, source=source)
     check_data_fits(config, data)
     return data
 
