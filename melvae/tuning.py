@@ -126,8 +126,8 @@ def tune(
         `[data] label_key`); without one the study selects on fit alone.
     batch_key
         The obs column naming each cell's batch (patient, sample), overriding the study's
-        `[data] batch_key`: the model is conditioned on it. Default: the study's (none: no
-        batch covariate).
+        `[data] batch_key`: the model is conditioned on it, and the study takes the objectives
+        and rule it declares for a batch key. Default: the study's (none: no batch covariate).
     name
         The dataset key of an in-memory AnnData: the study and registered model are named
         after it (`<study>-<name>`, `melvae-<name>`).
@@ -164,7 +164,7 @@ def tune(
             )
         torch.set_num_threads(threads)
     if batch_key is not None:
-        config = dataclasses.replace(config, batch_key=batch_key)
+        config = config.with_batch_key(batch_key)
     data_path, dataset, prepared = None, None, None
     if isinstance(data, PreparedData):
         prepared = data

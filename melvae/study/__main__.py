@@ -279,7 +279,7 @@ def _summary(result: TuneResult) -> int:
 
 def _with_batch_key(config: StudyConfig, batch_key: str | None) -> StudyConfig:
     """The study with `--batch-key` (when given) as its `[data] batch_key`."""
-    return config if batch_key is None else dataclasses.replace(config, batch_key=batch_key)
+    return config if batch_key is None else config.with_batch_key(batch_key)
 
 
 def _create(args: argparse.Namespace) -> int:
