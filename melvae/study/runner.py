@@ -23,7 +23,7 @@ from melvae.data.validate import (
     validate_split_batches,
 )
 from melvae.errors import InputError
-from melvae.evaluate import BIO_METRICS
+from melvae.evaluate import BATCH_METRICS, BIO_METRICS
 from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
@@ -444,7 +444,7 @@ def select_champion_step(
         }
         | {
             name: best.user_attrs[name]
-            for name in (*FINAL_METRICS, *BIO_METRICS)
+            for name in (*FINAL_METRICS, *BIO_METRICS, *BATCH_METRICS)
             if name in best.user_attrs
         }
     )
