@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import tomllib
 from pathlib import Path
 
 import anndata as ad
@@ -16,6 +18,8 @@ import pytest
 
 import melvae
 from melvae.model import MelVAE
+from melvae.study.config import DEFAULT_STUDY
+from melvae.track import PARENT_ROLE
 
 LOAD_AND_ENCODE = """
 import json, sys
@@ -135,3 +139,40 @@ def test_public_names_are_visible_to_dir_and_documented():
         assert "Examples" in getattr(melvae, name).__doc__ or name == "load_model"
     assert "activation : str, default 'relu'" in MelVAE.fit.__doc__
     assert "dropout : float, default 0.0" in MelVAE.fit.__doc__
+
+
+@pytest.mark.slow
+def test_tune_on_an_in_memory_anndata_runs_worker_processes(tmp_path, monkeypatch, capfd):
+    handoff = tmp_path / "tmp"
+    handoff.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(handoff))  # where the job file goes
+    monkeypatch.chdir(tmp_path)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    study = tomllib.loads(DEFAULT_STUDY.read_text()) | {"name": "dict-study"}
+    result = melvae.tune(
+        _cells(),  # the data and the study exist only in this process's memory: the workers
+        study,  # get them from the job file
+        label_key="cell_type",
+        n_trials=4,
+        epochs=2,
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        tracking_uri=tracking,
+        workers=2,
+        threads=1,
+        name="toy",
+        progress=False,
+    )
+    assert "melvae: 2 workers x 1 thread (--workers; --threads)" in capfd.readouterr().err
+    assert result.plan.workers == 2 and result.worker_exit_code == 0
+    assert result.study.study_name == "dict-study-toy"
+    assert (result.trials["state"] == "COMPLETE").sum() == 4
+    assert result.champion_trial.number in result.trials.index
+    assert result.comparison.index[0] == "champion"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("dict-study-toy")
+    runs = client.search_runs([experiment.experiment_id], f"tags.role = '{PARENT_ROLE}'")
+    pids = {run.data.tags["worker"].rsplit(":", 1)[1] for run in runs}
+    assert len(runs) == 3 and str(os.getpid()) in pids and len(pids) == 3, "2 workers + summary"
+    assert list(handoff.iterdir()) == [], "the job file is removed when the workers end"
