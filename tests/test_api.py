@@ -19,6 +19,8 @@ import pytest
 import melvae
 from melvae.model import MelVAE
 from melvae.study.config import DEFAULT_STUDY
+from melvae.study.identity import stored_selection
+from melvae.study.selection import SelectionRule
 from melvae.track import PARENT_ROLE
 
 LOAD_AND_ENCODE = """
@@ -88,8 +90,12 @@ def test_a_whole_study_runs_from_python_on_an_in_memory_anndata(tuned):
     assert result.registration.promoted
     # Stored, not guessed: the study keeps its objectives, rule and dataset; the model its origin.
     attrs = result.study.user_attrs
-    assert attrs["objectives"] == ["val_loss", "bio_score"]
-    assert attrs["selection"] == {"rule": "bio_within_loss", "loss_tolerance": 0.02}
+    assert stored_selection(result.study) == (
+        ("val_loss", "bio_score"),
+        SelectionRule("bio_within_loss", 0.02),
+    )
+    assert attrs["identity"]["objectives"] == ["val_loss", "bio_score"], "stored once, there"
+    assert "objectives" not in attrs and "selection" not in attrs
     assert attrs["dataset_key"] == "toy"
     origin = result.champion.origin
     assert origin["dataset"] == "toy" and origin["label_key"] == "cell_type"
