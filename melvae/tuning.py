@@ -198,7 +198,7 @@ def tune(
         "heartbeat": heartbeat,
     }
     if plan.workers > 1:
-        code = start_workers(workers_.Job(config, prepared, **run), plan, budget)
+        code = start_workers(workers_.Job(config, prepared, run), plan, budget)
         if code in (130, 143):  # stopped: the workers queued their trials again for the next run
             raise (Terminated() if code == 143 else KeyboardInterrupt())
         if code != 0:
@@ -256,16 +256,17 @@ def start_workers(job: workers_.Job, plan: workers_.Plan, n_trials: int) -> int:
     `plan.workers` worker processes on `job` (written once to a private temporary file, removed
     when they end) and wait; return the worst exit code (a stop takes the unrun pledge back)."""
     config = config_for_data(job.config, job.data, announce=False)
-    study = create_study(config, job.data.dataset_key, job.storage, heartbeat=job.heartbeat)
-    first = workers_.claim_workers(study, job.storage, plan.workers)
-    workers_.pledge(study, job.storage, n_trials)
+    storage = job.run["storage"]
+    study = create_study(config, job.data.dataset_key, storage, heartbeat=job.run["heartbeat"])
+    first = workers_.claim_workers(study, storage, plan.workers)
+    workers_.pledge(study, storage, n_trials)
     with tempfile.TemporaryDirectory(prefix="melvae-workers-") as folder:
         path = workers_.write_job(job, Path(folder))
         code = workers_.run_workers(
             path, workers=plan.workers, threads=plan.threads, first_index=first
         )
     if code in (130, 143):
-        workers_.withdraw(study, job.storage, n_trials)
+        workers_.withdraw(study, storage, n_trials)
     return code
 
 
@@ -274,18 +275,7 @@ def run_worker(job: Path, *, index: int, threads: int) -> None:
     `index` on `threads` torch threads until the study's budget is spent."""
     work = workers_.read_job(job)
     with _torch_threads(threads):
-        run_study(
-            work.config,
-            storage=work.storage,
-            tracking_uri=work.tracking_uri,
-            timeout=work.timeout,
-            epochs_cap=work.epochs_cap,
-            progress=work.progress,
-            heartbeat=work.heartbeat,
-            data=work.data,
-            worker_index=index,
-            summarise=False,
-        )
+        run_study(work.config, data=work.data, worker_index=index, summarise=False, **work.run)
 
 
 def _prepared(

@@ -11,6 +11,10 @@ trial budget, and `run --workers N` (N worker processes on this machine).
 - **The budget**: `run --n-trials N` pledges N trials to the study (`pledge`); every worker runs
   trials until the study has as many as pledged in all (`optimize_within_budget`), so the trials a
   killed worker did not run are run by the others, and the count never overshoots.
+- **The workers** (`run_workers`, started by `melvae.tune(..., workers=N)` and so by `run
+  --workers N`): processes `python -m melvae.study run --job FILE`; the caller prepares the data
+  once and writes them with the study into one job file (`write_job`) that every worker reads,
+  so an AnnData in a notebook's memory or a study given as a dict reach them too.
 """
 
 from __future__ import annotations
@@ -217,7 +221,9 @@ def cores() -> int:
 @dataclass(frozen=True)
 class Job:
     """What every worker of one run shares: the study as it runs, its prepared data (split and
-    preprocessed once, by the caller) and the run's settings (`melvae.study.runner.run_study`).
+    preprocessed once, by the caller) and the run's settings (keyword arguments of
+    `melvae.study.runner.run_study`: storage, tracking_uri, timeout, epochs_cap, progress,
+    heartbeat).
 
     Workers are processes: they get it as a file (`write_job`), so data that exist only in the
     caller's memory (an AnnData in a notebook, a study given as a dict) reach them unchanged.
@@ -225,12 +231,7 @@ class Job:
 
     config: StudyConfig
     data: PreparedData
-    storage: str
-    tracking_uri: str | None
-    timeout: float | None
-    epochs_cap: int | None
-    progress: bool
-    heartbeat: int
+    run: dict[str, Any]
 
 
 def write_job(job: Job, folder: Path) -> Path:
