@@ -115,6 +115,7 @@ def tune(
     threads: int | None = None,
     workers: int | str = "auto",
     label_key: str | None = None,
+    batch_key: str | None = None,
     name: str = "anndata",
     progress: bool = True,
     heartbeat: int = HEARTBEAT_SECONDS,
@@ -151,6 +152,10 @@ def tune(
     label_key
         The obs column of cell-type labels of an in-memory AnnData (default: the study's
         `[data] label_key`); without one the study selects on fit alone.
+    batch_key
+        The obs column naming each cell's batch (patient, sample), overriding the study's
+        `[data] batch_key`: the model is conditioned on it. Default: the study's (none: no
+        batch covariate).
     name
         The dataset key of an in-memory AnnData: the study and registered model are named
         after it (`<study>-<name>`, `melvae-<name>`).
@@ -179,6 +184,8 @@ def tune(
     config = study_config(study)
     if device is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
+    if batch_key is not None:
+        config = dataclasses.replace(config, batch_key=batch_key)
     _check_count(threads, "threads", "None for torch's default")
     if workers != "auto":
         _check_count(workers, "workers", '"auto" to choose from the model size and cores')
@@ -283,6 +290,14 @@ def _prepared(
 ) -> PreparedData:
     """read -> validate -> split -> preprocess, once, whatever form the data came in."""
     if isinstance(data, PreparedData):
+        if data.batch_key != config.batch_key:
+            raise InputError(
+                f"the prepared data have batch_key {data.batch_key!r}, the study "
+                f"{config.batch_key!r}",
+                where="melvae.tune(data=PreparedData, batch_key=...)",
+                fix="prepare the data with the study's config (runner.prepare_data), or pass "
+                "the batch_key the data were prepared with",
+            )
         return data
     if isinstance(data, ad.AnnData):
         dataset = Dataset(

@@ -28,12 +28,15 @@ GEO_URL_ENV = "MELVAE_GEO_URL"
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded dataset and the obs column that holds its cell-type labels (if any)."""
+    """A loaded dataset, the obs column that holds its cell-type labels (if any) and the one
+    that names each cell's batch (patient or tumour sample; if known). A study conditions on
+    the batch only when it asks for a batch key (`[data] batch_key`)."""
 
     key: str
     adata: ad.AnnData
     label_key: str | None
     description: str
+    batch_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _Entry:
     description: str
     label_key: str | None
     load: Callable[[Path, str | None], ad.AnnData]  # (data_dir, base_url) -> AnnData
+    batch_key: str | None = None
 
 
 CATALOGUE: dict[str, _Entry] = {
@@ -101,17 +105,20 @@ CATALOGUE: dict[str, _Entry] = {
         "(B.cell, Macrophage, NK, T.CD4, T.CD8), TPM",
         "scibet_label",
         lambda data_dir, base_url: _load_gse115978("reference", data_dir, base_url),
+        "sample",
     ),
     "gse115978_query": _Entry(
         "Jerby-Arnon 2018 melanoma (GEO GSE115978), SciBet query: the other 30% of the immune "
         "cells plus malignant, CAF and endothelial cells as Neg.cell, TPM",
         "scibet_label",
         lambda data_dir, base_url: _load_gse115978("query", data_dir, base_url),
+        "sample",
     ),
     "gse72056": _Entry(
         "Tirosh 2016 melanoma (GEO GSE72056), all cells, log2(TPM/10+1)",
         "cell_type",
         _load_gse72056,
+        "tumor",
     ),
     "pbmc68k_reduced": _Entry(
         "scanpy's 700-cell PBMC example (log-normalised, shipped offline); not melanoma",
@@ -159,7 +166,7 @@ def load_dataset(key: str, *, base_url: str | None = None, data_dir: Path | None
             fix=f"Use one of {', '.join(CATALOGUE)}, or the path of an .h5ad or .csv file.",
         )
     adata = entry.load(Path(data_dir) if data_dir is not None else cache_dir(), base_url)
-    return Dataset(key, adata, entry.label_key, entry.description)
+    return Dataset(key, adata, entry.label_key, entry.description, entry.batch_key)
 
 
 def load_with_fallback(key: str, fallback: str | None, **kw: object) -> tuple[Dataset, str | None]:

@@ -219,3 +219,70 @@ def warn_outside_training_range(
             100 * far / total,
         )
     return clipped / total
+
+
+def validate_batches(
+    adata: ad.AnnData,
+    batch_key: str | None,
+    *,
+    source: str,
+    label_key: str | None = None,
+    known: str | None = None,
+) -> str | None:
+    """Return the batch column to condition on (`batch_key`), or None without one.
+
+    A named column must exist, differ from the label column, hold at least two batches and
+    name a batch for every cell: a conditioned decoder needs each cell's batch, and guessing
+    one for a cell would mix patients, so missing values are refused rather than dropped or
+    filled. `known`: the dataset's batch column (the catalogue's), suggested when none is set.
+    """
+    if batch_key is None:
+        if known is not None and known in adata.obs:
+            logger.info(
+                "%s has a batch column %r (%d batches); set [data] batch_key = %r (run "
+                "--batch-key %s) to condition the model on it",
+                source,
+                known,
+                adata.obs[known].nunique(),
+                known,
+                known,
+            )
+        return None
+    where = f"{source}, obs column {batch_key!r}; the study's [data] batch_key (--batch-key)"
+    if batch_key not in adata.obs:
+        hint = f" ({known!r} holds this dataset's batches)" if known in adata.obs else ""
+        raise InputError(
+            f"the batch column {batch_key!r} is not in the data (columns: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'}){hint}",
+            where=where,
+            fix="correct batch_key to the column naming each cell's patient or sample, or "
+            "remove it to train without a batch covariate",
+        )
+    if batch_key == label_key:
+        raise InputError(
+            f"the batch column {batch_key!r} is also the label column",
+            where=where,
+            fix="give as batch_key the column naming each cell's patient or sample, not its "
+            "cell type",
+        )
+    batches = adata.obs[batch_key]
+    text = batches.astype(str).str.strip()
+    missing = batches.isna().to_numpy() | (text == "").to_numpy()
+    if missing.any():
+        examples = ", ".join(repr(name) for name in adata.obs_names[missing][:5])
+        raise InputError(
+            f"{int(missing.sum())} of {adata.n_obs} cells have no batch in {batch_key!r} "
+            f"(e.g. {examples})",
+            where=where,
+            fix="give every cell its batch (e.g. 'unknown' for cells of an unrecorded sample, "
+            "which then form a batch of their own), or remove those cells",
+        )
+    names = pd.unique(text)
+    if len(names) < 2:
+        raise InputError(
+            f"the batch column {batch_key!r} has {len(names)} batch ({names[0]!r}); "
+            "conditioning on it needs at least 2",
+            where=where,
+            fix="give a column with at least two batches, or remove batch_key",
+        )
+    return batch_key

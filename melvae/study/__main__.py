@@ -4,6 +4,7 @@ prints."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -75,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive(float), help="stop starting trials after S s")
     run.add_argument("--epochs", type=_positive(int), help="cap every trial's epochs (quick runs)")
     run.add_argument("--data", type=Path, help="train on this .h5ad/.csv instead")
+    run.add_argument(
+        "--batch-key",
+        help="obs column naming each cell's batch (patient, sample): condition the model on it "
+        "(overrides [data] batch_key)",
+    )
     run.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     run.add_argument(
         "--threads",
@@ -110,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         "create", _create, "create the study and experiment once, before parallel workers start"
     )
     create.add_argument("--data", type=Path, help="the .h5ad/.csv the workers will use")
+    create.add_argument("--batch-key", help="the batch column the workers will use")
     for name, handler, text in (
         ("best", _best, "print the best trial and its MLflow run"),
         ("promote", _promote, "register the best trial; champion only if it beats the holder"),
@@ -163,6 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         workers=args.workers,
+        batch_key=args.batch_key,
         progress=not args.quiet,
         heartbeat=args.heartbeat,
     )
@@ -198,8 +206,13 @@ def _summary(result: TuneResult) -> int:
     return 0
 
 
+def _with_batch_key(config: StudyConfig, batch_key: str | None) -> StudyConfig:
+    """The study with `--batch-key` (when given) as its `[data] batch_key`."""
+    return config if batch_key is None else dataclasses.replace(config, batch_key=batch_key)
+
+
 def _create(args: argparse.Namespace) -> int:
-    config = load_study_config(args.study)
+    config = _with_batch_key(load_study_config(args.study), args.batch_key)
     check_storage_url(args.storage)
     check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
     data = prepare_data(config, data_path=args.data)

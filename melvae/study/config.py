@@ -74,6 +74,8 @@ class StudyConfig:
     timeout: float | None = None
     objectives: tuple[str, ...] = ("val_loss",)
     selection: SelectionRule = field(default_factory=SelectionRule)
+    # The obs column naming each cell's batch (patient, sample); None: no batch covariate.
+    batch_key: str | None = None
 
     @property
     def objective(self) -> str:
@@ -212,6 +214,7 @@ def study_config_from_dict(raw: dict[str, Any], path: Path | str = "<study dict>
             rule=selection.get("rule", str, "objective"),
             loss_tolerance=selection.get("loss_tolerance", (int, float), 0.02),
         ),
+        batch_key=data.get("batch_key", str, None),
     )
     for section in (data, model, budget, objective, selection):
         section.reject_unknown()

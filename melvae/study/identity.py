@@ -1,4 +1,5 @@
-"""A study's identity: the objectives, selection rule and search space it was created with.
+"""A study's identity: the objectives, selection rule, search space and batch key it was created
+with.
 
 Stored once in the Optuna study (a user attribute) when the study is created; every later `run`
 compares its study file with it before writing anything, so two different study files that
@@ -29,6 +30,7 @@ def study_identity(config: StudyConfig) -> dict[str, Any]:
         "directions": list(config.directions),
         "selection_rule": dataclasses.asdict(config.selection),
         "search_space": {param.name: _plain(param) for param in config.search},
+        "batch_key": config.batch_key,
     }
     return json.loads(json.dumps(identity, default=repr))
 

@@ -41,6 +41,8 @@ class PreparedData:
     preprocessor: Preprocessor
     # Preprocessors of the other transforms the search may pair with a likelihood.
     preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+    # The obs column naming each cell's batch (validated), None without a batch covariate.
+    batch_key: str | None = None
 
     def preprocessor_for(self, transform: str) -> Preprocessor:
         """The training-split preprocessing for `transform`."""
@@ -52,6 +54,13 @@ class PreparedData:
         if self.label_key is None:
             return None
         return getattr(self, split).obs[self.label_key].to_numpy()
+
+    def batches(self, split: str) -> np.ndarray | None:
+        """Each cell's batch name (str) in `split` ("train", "val" or "test"); None without a
+        batch key."""
+        if self.batch_key is None:
+            return None
+        return getattr(self, split).obs[self.batch_key].astype(str).to_numpy()
 
 
 def suggest_params(trial: optuna.Trial, config: StudyConfig) -> dict[str, Any]:

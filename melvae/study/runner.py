@@ -16,7 +16,7 @@ import pandas as pd
 
 from melvae import track
 from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
-from melvae.data.validate import validate_expression, validate_labels
+from melvae.data.validate import validate_batches, validate_expression, validate_labels
 from melvae.errors import InputError
 from melvae.evaluate import BIO_METRICS
 from melvae.model import MelVAE
@@ -89,6 +89,9 @@ def prepare_data(
     # rows are only materialised where a step reads them (one split at a time).
     if label_key is not None and adata.obs[label_key].isna().any():
         adata = adata[adata.obs[label_key].notna().to_numpy()]
+    batch_key = validate_batches(
+        adata, config.batch_key, source=source, label_key=label_key, known=dataset.batch_key
+    )
     p = config.preprocess
     splits = split_cells(
         adata,
@@ -109,6 +112,7 @@ def prepare_data(
         test=adata[splits["test"]],
         preprocessor=fit_preprocessor(train, config.preprocess),
         preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
+        batch_key=batch_key,
     )
     check_data_fits(config, data)
     return data
@@ -384,6 +388,7 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
         "dataset_description": data.description,
         "requested_dataset": config.dataset,
         "label_key": data.label_key,
+        "batch_key": data.batch_key,
         "n_train": data.train.n_obs,
         "n_val": data.val.n_obs,
         "n_test": data.test.n_obs,
