@@ -18,6 +18,7 @@ import pytest
 
 import melvae
 from melvae.model import MelVAE
+from melvae.study.__main__ import main as study_main
 from melvae.study.config import DEFAULT_STUDY
 from melvae.study.identity import stored_selection
 from melvae.study.selection import SelectionRule
@@ -182,3 +183,25 @@ def test_tune_on_an_in_memory_anndata_runs_worker_processes(tmp_path, monkeypatc
     pids = {run.data.tags["worker"].rsplit(":", 1)[1] for run in runs}
     assert len(runs) == 3 and str(os.getpid()) in pids and len(pids) == 3, "2 workers + summary"
     assert list(handoff.iterdir()) == [], "the job file is removed when the workers end"
+
+
+@pytest.mark.slow
+def test_best_reads_the_objectives_and_rule_the_study_stored_not_the_file_given(
+    tuned, tmp_path, capsys
+):
+    other = tmp_path / "other.toml"  # same name, another rule and one objective
+    text = DEFAULT_STUDY.read_text()
+    for old, new in (
+        ('metrics = ["val_loss", "bio_score"]', 'metrics = ["val_loss"]'),
+        ('rule = "bio_within_loss"', 'rule = "objective"'),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    other.write_text(text)
+    folder = tuned["folder"]
+    stores = ["--storage", f"sqlite:///{folder}/optuna.db", "--tracking-uri", tuned["tracking"]]
+    assert study_main(["best", "--study", str(other), "--dataset", "toy", *stores]) == 0
+    out = capsys.readouterr().out
+    assert f"champion trial {tuned['result'].champion_trial.number}" in out
+    assert "chosen by: highest bio_score on the Pareto front" in out
+    assert "bio_score = " in out
