@@ -7,7 +7,9 @@ reads. For each data set, side by side in this one process, best of `--repeats`:
 
 - prepare: what each worker did before (read the file if there is one, then `prepare_data`);
 - write: the caller writing the job file once (atomically, in a private temporary folder);
-- read: what each worker does now (`read_job`), and read / prepare.
+- read: what each worker does now (`read_job`), and read / prepare;
+
+and, once, what every worker pays to start either way: a fresh `python` importing `melvae.study`.
 
 Data: scanpy's PBMC 700 (the offline default), the shared melanoma T-cell subset (if
 /work/shared/data is there) and a synthetic 20,000-cell x 5,000-gene sparse count matrix in
@@ -19,6 +21,8 @@ memory (10 % non-zero).
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -89,6 +93,9 @@ def main() -> None:
             f"{label:32} {shape:>14} {prepare:9.3f} {write:8.3f} {read:7.3f} {size:7.1f} "
             f"{read / prepare:12.2f}"
         )
+    imports = [sys.executable, "-c", "import melvae.study.__main__"]
+    start, _ = _best(args.repeats, lambda: subprocess.run(imports, check=True))
+    print(f"a worker's start (python importing melvae.study): {start:.2f} s")
 
 
 if __name__ == "__main__":

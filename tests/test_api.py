@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import melvae
+from melvae.errors import InputError
 from melvae.model import MelVAE
 from melvae.study.__main__ import main as study_main
 from melvae.study.config import DEFAULT_STUDY
@@ -205,3 +206,14 @@ def test_best_reads_the_objectives_and_rule_the_study_stored_not_the_file_given(
     assert f"champion trial {tuned['result'].champion_trial.number}" in out
     assert "chosen by: highest bio_score on the Pareto front" in out
     assert "bio_score = " in out
+
+
+@pytest.mark.parametrize("option", [{"workers": 0}, {"workers": "4"}, {"threads": True}])
+def test_a_bad_worker_or_thread_count_is_refused_before_anything_is_written(
+    option, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    name = next(iter(option))
+    with pytest.raises(InputError, match=rf"{name} = .* is not a whole number >= 1"):
+        melvae.tune(_cells(), storage=f"sqlite:///{tmp_path}/optuna.db", progress=False, **option)
+    assert list(tmp_path.iterdir()) == []
