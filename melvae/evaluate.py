@@ -95,3 +95,33 @@ def bio_conservation(
     return {f"bio_{name}": value for name, value in parts.items()} | {
         "bio_score": metrics.bio_score(**parts)
     }
+
+
+BATCH_METRICS = ("batch_asw", "ilisi", "graph_connectivity", "batch_score")
+
+
+def batch_correction(
+    latent: ArrayLike, labels: ArrayLike | None, batches: ArrayLike
+) -> dict[str, float]:
+    """How well the batches (patients, samples) mix in a latent space, scib-metrics' batch
+    metrics: `batch_asw`, `ilisi`, `graph_connectivity` and `batch_score`, their mean (each in
+    [0, 1], higher = better mixed). Without labels only `ilisi` (which needs none); a metric
+    undefined for the input is omitted, and `batch_score` is given only when all three are;
+    empty with fewer than two batches."""
+    names, present = metrics.clean_labels(batches)
+    if np.unique(names[present]).size < 2:
+        logger.warning("Skipped batch metrics: the cells come from fewer than two batches")
+        return {}
+    parts: dict[str, Callable[[], float]] = {"ilisi": lambda: metrics.ilisi(latent, batches)}
+    if labels is not None:
+        parts["batch_asw"] = lambda: metrics.batch_asw(latent, labels, batches)
+        parts["graph_connectivity"] = lambda: metrics.graph_connectivity(latent, labels)
+    results: dict[str, float] = {}
+    for name, compute in parts.items():
+        try:
+            results[name] = compute()
+        except MetricUndefinedError as err:
+            logger.warning("Skipped %s: %s", name, err.what)
+    if len(results) == 3:
+        results["batch_score"] = metrics.batch_score(**results)
+    return {name: results[name] for name in BATCH_METRICS if name in results}

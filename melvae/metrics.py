@@ -15,16 +15,18 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 from scipy import sparse
+from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import KMeans
 from sklearn.metrics import (
     adjusted_rand_score,
     davies_bouldin_score,
     f1_score,
     normalized_mutual_info_score,
+    silhouette_samples,
     silhouette_score,
 )
 from sklearn.model_selection import RepeatedStratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from melvae.errors import InputError
 
@@ -290,3 +292,168 @@ def bio_score(
     """Bio-conservation score in [0, 1]: the mean of the label metrics users look at, in the
     spirit of scib-metrics, with the silhouette rescaled from [-1, 1] to [0, 1]."""
     return float(np.mean([(silhouette + 1) / 2, knn_accuracy, knn_macro_f1, ari, nmi]))
+
+
+# Batch-correction metrics (scib-metrics' definitions): how well cells of different batches
+# (patients, samples) mix in the latent space. Each is in [0, 1], higher = better mixed.
+
+
+def _with_batches(
+    latent: ArrayLike, batches: ArrayLike, labels: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Latent rows, batch names and (if given) labels of the cells that have a batch (and a
+    label), after shape/finite checks; at least two batches must remain."""
+    x = np.asarray(latent, dtype=np.float64)
+    names, present = clean_labels(batches)
+    if x.ndim != 2 or x.shape[0] != names.shape[0]:
+        raise InputError(
+            f"latent has shape {x.shape} but {names.shape[0]} batches were given",
+            where="batch metrics",
+            fix="pass a cells × dimensions latent matrix and one batch per cell, in the same order",
+        )
+    _require_finite(x, what="latent", where="batch metrics")
+    types = None
+    if labels is not None:
+        types, labelled = clean_labels(labels)
+        if types.shape != names.shape:
+            raise InputError(
+                f"{names.shape[0]} batches but {types.shape[0]} labels were given",
+                where="batch metrics",
+                fix="pass one batch and one label per cell, in the same order",
+            )
+        present &= labelled
+        types = types[present]
+    x, names = x[present], names[present]
+    if np.unique(names).size < 2:
+        raise MetricUndefinedError(
+            f"the cells come from {np.unique(names).size} batch(es); 2 or more are needed",
+            where="batch metrics",
+            fix="batch metrics measure mixing between batches: use data with several batches",
+        )
+    return x, names, types
+
+
+def _knn_graph(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices) of each cell's k nearest neighbours (at most all cells), the cell
+    itself first at distance 0, as scib-metrics' neighbour search returns them."""
+    if k < 2:
+        raise InputError(
+            f"k must be at least 1, got {k - 1}", where="batch metrics", fix="pass k >= 1"
+        )
+    k = min(k, x.shape[0])
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
+    # Exact duplicates may come in any order: put each cell first among its own neighbours.
+    own = indices == np.arange(x.shape[0])[:, None]
+    order = np.argsort(~own, axis=1, kind="stable")
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+
+
+def batch_asw(latent: ArrayLike, labels: ArrayLike, batches: ArrayLike) -> float:
+    """Batch silhouette within cell types (scib's batch ASW), in [0, 1]; 1 = batches mixed.
+
+    For each cell type with at least two batches and fewer batches than cells, the silhouette
+    of every cell with respect to its batch is computed among the cells of that type (euclidean),
+    turned into 1 - |silhouette|, and averaged; the result is the mean over those cell types.
+    Cells missing a label or a batch are left out.
+    """
+    x, names, types = _with_batches(latent, batches, labels)
+    per_type = []
+    for cell_type in np.unique(types):
+        inside = types == cell_type
+        n_batches = np.unique(names[inside]).size
+        if n_batches == 1 or n_batches == inside.sum():
+            continue
+        widths = silhouette_samples(x[inside], names[inside], metric="euclidean")
+        per_type.append(np.mean(1 - np.abs(widths)))
+    if not per_type:
+        raise MetricUndefinedError(
+            "no cell type has cells of two or more batches (and fewer batches than cells)",
+            where="batch_asw",
+            fix="batch ASW compares batches within a cell type: label more cells per batch",
+        )
+    return float(np.mean(per_type))
+
+
+def _neighbour_probabilities(
+    distances: np.ndarray, perplexity: float, tol: float = 1e-5, steps: int = 50
+) -> np.ndarray:
+    """Gaussian kernel weights over each row's neighbours, its precision found by bisection so
+    that the weights' entropy is log(perplexity) (the LISI / t-SNE calibration)."""
+    d = distances - distances.min(axis=1, keepdims=True)  # shift-invariant; avoids underflow
+    beta = np.ones(d.shape[0])
+    low = np.full(d.shape[0], -np.inf)
+    high = np.full(d.shape[0], np.inf)
+    target = np.log(perplexity)
+    for _ in range(steps):
+        weights = np.exp(-d * beta[:, None])
+        total = weights.sum(axis=1)
+        entropy = np.log(total) + beta * (d * weights).sum(axis=1) / total
+        gap = entropy - target
+        if np.all(np.abs(gap) <= tol):
+            break
+        up = gap > 0  # too flat: sharpen the kernel
+        low = np.where(up, beta, low)
+        high = np.where(up, high, beta)
+        beta = np.where(
+            up,
+            np.where(np.isinf(high), beta * 2, (beta + high) / 2),
+            np.where(np.isinf(low), beta / 2, (beta + low) / 2),
+        )
+    weights = np.exp(-d * beta[:, None])
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _lisi(x: np.ndarray, names: np.ndarray, k: int) -> np.ndarray:
+    distances, indices = _knn_graph(x, k + 1)
+    distances, indices = distances[:, 1:], indices[:, 1:]  # a cell is not its own neighbour
+    weights = _neighbour_probabilities(distances, perplexity=max(indices.shape[1] // 3, 1))
+    codes = np.unique(names, return_inverse=True)[1]
+    shares = np.zeros((x.shape[0], codes.max() + 1))
+    np.add.at(shares, (np.arange(x.shape[0])[:, None], codes[indices]), weights)
+    return 1 / (shares**2).sum(axis=1)
+
+
+def lisi(latent: ArrayLike, groups: ArrayLike, *, k: int = 90) -> np.ndarray:
+    """Local inverse Simpson index of each cell (Korsunsky et al. 2019, Harmony's LISI): the
+    effective number of groups among its k nearest neighbours (the cell itself not counted),
+    weighted by a Gaussian kernel of perplexity k / 3 (30 for scib's 90 neighbours); from 1
+    (one group) to the number of groups. k is capped at the number of cells - 1. Cells missing
+    a group are left out (and get no value)."""
+    x, names, _ = _with_batches(latent, groups)
+    return _lisi(x, names, k)
+
+
+def ilisi(latent: ArrayLike, batches: ArrayLike, *, k: int = 90) -> float:
+    """Integration LISI scaled to [0, 1] as scib-metrics does: (median LISI of the batches - 1)
+    / (number of batches - 1); 1 = every neighbourhood holds all batches equally."""
+    x, names, _ = _with_batches(latent, batches)
+    return float((np.median(_lisi(x, names, k)) - 1) / (np.unique(names).size - 1))
+
+
+def graph_connectivity(latent: ArrayLike, labels: ArrayLike, *, k: int = 15) -> float:
+    """Graph connectivity (scib), in [0, 1]: for each cell type, the share of its cells in the
+    largest strongly connected component of the k-NN graph restricted to that type; the mean
+    over cell types. 1 = every cell type is one connected piece (batches do not split it).
+    Cells missing a label are left out."""
+    x, types = _labelled(latent, labels, role="cell")
+    if types.size == 0:
+        raise MetricUndefinedError(
+            "no cell has a label", where="graph_connectivity", fix="label the cells"
+        )
+    _, indices = _knn_graph(x, k)
+    rows = np.repeat(np.arange(x.shape[0]), indices.shape[1])
+    graph = sparse.csr_matrix(
+        (np.ones(rows.size), (rows, indices.ravel())), shape=(x.shape[0],) * 2
+    )
+    shares = []
+    for cell_type in np.unique(types):
+        inside = np.flatnonzero(types == cell_type)
+        _, components = connected_components(graph[inside][:, inside], connection="strong")
+        shares.append(np.bincount(components).max() / inside.size)
+    return float(np.mean(shares))
+
+
+def batch_score(*, batch_asw: float, ilisi: float, graph_connectivity: float) -> float:
+    """Batch-correction score in [0, 1]: the mean of the three batch metrics, as scib-metrics'
+    aggregate; higher = batches better mixed."""
+    return float(np.mean([batch_asw, ilisi, graph_connectivity]))

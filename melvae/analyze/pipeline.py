@@ -37,6 +37,7 @@ from melvae.analyze.interpret import (
 from melvae.analyze.output import check_destination, write_folder
 from melvae.analyze.report import render_report
 from melvae.analyze.transfer import UNASSIGNED, transfer_labels, transfer_metrics
+from melvae.analyze.variance import covariate_shares
 from melvae.data.datasets import CATALOGUE, load_dataset
 from melvae.data.validate import validate_expression, warn_outside_training_range
 from melvae.errors import InputError
@@ -204,13 +205,16 @@ def analyze(
     threshold: float = 0.5,
     n_genes: int = 100,
     log_to_mlflow: bool = True,
+    batch_key: str | None = None,
 ) -> AnalysisResult:
     """Run the whole analysis; see the module docstring. Returns what it wrote.
 
     Everything that can be checked is checked before computing: the tracking URI, the output
     folder (`overwrite` replaces only a previous melvae analysis), the model, the cells. Only
     reads the tracking backend: without a database there a local model folder is analysed and
-    nothing is logged; a registered model is an error.
+    nothing is logged; a registered model is an error. `batch_key` names the reference's
+    patient (batch) column: the report then says how much of each latent dimension is patient
+    and how much cell type (`covariate_shares.tsv`), and the t-SNE is coloured by patient too.
     """
     resolved = track.resolve_tracking_uri(tracking_uri)
     check_tracking_uri(resolved)
@@ -236,6 +240,7 @@ def analyze(
     ref_cells, query_cells, key = _cells(model, uri, reference, query, label_key)
     for role, cells, path in (("reference", ref_cells, reference), ("query", query_cells, query)):
         check_cells(model, cells, source=str(path) if path else f"the model's own {role} cells")
+    patients = None if batch_key is None else _batches(ref_cells, batch_key)
 
     ref_latent = model.embed(ref_cells).obsm["X_melvae"]
     query_latent = model.embed(query_cells).obsm["X_melvae"]
@@ -277,14 +282,23 @@ def analyze(
     queries |= {f"{group}:markers": genes for group, genes in markers.items()}
     enrichment = enrich_table(queries, libraries, model.genes)
     ends = dimension_ends(ref_latent, ref_labels.to_numpy())
+    shares = None
+    if patients is not None:
+        shares = covariate_shares(
+            ref_latent, {"patient": patients, "cell type": ref_labels.to_numpy()}
+        )
 
-    figures = _figures(ref_cells, query_cells, key, transfer.classes, response, enrichment)
+    figures = _figures(
+        ref_cells, query_cells, key, transfer.classes, response, enrichment, batch_key
+    )
+    if shares is not None:
+        figures["covariate_shares.png"] = analysis_plots.variance_bars(shares)
     tables = {
         "transfer.tsv": transfer.table,
         "latent_genes.tsv": _latent_genes_table(response, correlation),
         "enrichment.tsv": enrichment,
         "dimension_ends.tsv": ends,
-    }
+    } | ({} if shares is None else {"covariate_shares.tsv": shares})
     summary = {
         "model": uri,
         "model_version": source.version,
@@ -303,6 +317,7 @@ def analyze(
         top_genes=tops,
         dimension_ends=ends,
         enrichment=enrichment,
+        covariates=shares,
     )
     write_folder(
         out,
@@ -343,6 +358,17 @@ def _cells(
     return given_ref[0].copy(), given_query[0].copy(), key
 
 
+def _batches(cells: ad.AnnData, batch_key: str) -> np.ndarray:
+    """The reference's batch (patient) column, which must exist."""
+    if batch_key not in cells.obs:
+        raise InputError(
+            f"the reference has no batch column {batch_key!r}",
+            where="reference cells (--batch-key)",
+            fix=f"pass --batch-key naming a column of {sorted(cells.obs.columns)[:8]}",
+        )
+    return cells.obs[batch_key].to_numpy()
+
+
 def _latent_genes_table(response: pd.DataFrame, correlation: pd.DataFrame) -> pd.DataFrame:
     """Genes × (dimension, view): decoder response and latent–expression correlation."""
     return (
@@ -359,6 +385,7 @@ def _figures(
     classes: list[str],
     response: pd.DataFrame,
     enrichment: pd.DataFrame,
+    batch_key: str | None = None,
     max_tsne_cells: int = 3000,
 ) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
@@ -382,6 +409,7 @@ def _figures(
     coords = tsne_coordinates(latent)
     colour_by: dict[str, np.ndarray] = {
         "true label": both.obs[key].astype(str).to_numpy() if key in both.obs else None,
+        "patient": both.obs[batch_key].to_numpy() if batch_key in both.obs else None,
         "reference / query": both.obs["set"].astype(str).to_numpy(),
         "prediction (query)": both.obs[LABEL_COLUMN].to_numpy(),
     }

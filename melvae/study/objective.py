@@ -156,7 +156,7 @@ class Objective:
             metrics = scores.final("val")
             metrics["best_epoch"] = float(model.history.best_epoch)
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
-            metrics |= scores.bio()
+            metrics |= scores.bio() | scores.batch("val")
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), track.LOSS_FILE)
             track.log_figure(

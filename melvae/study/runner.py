@@ -18,7 +18,7 @@ from melvae import track
 from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
 from melvae.data.validate import validate_batches, validate_expression, validate_labels
 from melvae.errors import InputError
-from melvae.evaluate import BIO_METRICS
+from melvae.evaluate import BATCH_METRICS, BIO_METRICS
 from melvae.model import MelVAE
 from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
@@ -423,7 +423,7 @@ def select_champion_step(
         }
         | {
             name: best.user_attrs[name]
-            for name in (*FINAL_METRICS, *BIO_METRICS)
+            for name in (*FINAL_METRICS, *BIO_METRICS, *BATCH_METRICS)
             if name in best.user_attrs
         }
     )

@@ -3,7 +3,8 @@
 A `SplitScores` encodes each split's scored cells at most once per model (the validation cells
 in one pass that also reconstructs them), then computes from those latents the final metrics
 (k-NN fitted on the training latent), the selection score `bio_score` on train + validation,
-and the held-out `test_*` metrics. Every split is bounded by `metric_cells`: at most
+the batch-mixing metrics (`batch_score` and its parts) where the data have a batch key, and the
+held-out `test_*` metrics. Every split is bounded by `metric_cells`: at most
 `EVAL_MAX_CELLS` cells, a stratified subsample beyond, so scoring an atlas costs as much as
 scoring a small data set.
 """
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import anndata as ad
 import numpy as np
 
-from melvae.evaluate import bio_conservation, evaluate_latent
+from melvae.evaluate import batch_correction, bio_conservation, evaluate_latent
 from melvae.subsample import stratified_subsample
 
 if TYPE_CHECKING:
@@ -45,15 +46,28 @@ class Embedding(Protocol):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
+def _metric_index(data: PreparedData, split: str) -> np.ndarray | None:
+    """Indices of the split's scored cells; None when that is all of them."""
+    cells, labels = getattr(data, split), data.labels(split)
+    strata = np.zeros(cells.n_obs) if labels is None else labels
+    keep = stratified_subsample(strata, EVAL_MAX_CELLS, seed=0)
+    return None if keep.size == cells.n_obs else keep
+
+
 def metric_cells(data: PreparedData, split: str) -> tuple[ad.AnnData, np.ndarray | None]:
     """The split's cells that final metrics are computed on, and their labels: all cells up to
     EVAL_MAX_CELLS, else a stratified subsample of that size (a view, not a copy)."""
     cells, labels = getattr(data, split), data.labels(split)
-    strata = np.zeros(cells.n_obs) if labels is None else labels
-    keep = stratified_subsample(strata, EVAL_MAX_CELLS, seed=0)
-    if keep.size == cells.n_obs:
+    keep = _metric_index(data, split)
+    if keep is None:
         return cells, labels
     return cells[keep], None if labels is None else labels[keep]
+
+
+def metric_batches(data: PreparedData, split: str) -> np.ndarray | None:
+    """The batch of each of `metric_cells`' cells, in the same order; None without a batch key."""
+    batches, keep = data.batches(split), _metric_index(data, split)
+    return batches if batches is None or keep is None else batches[keep]
 
 
 class SplitScores:
@@ -69,7 +83,7 @@ class SplitScores:
     Examples
     --------
     >>> scores = SplitScores(model, data)  # doctest: +SKIP
-    >>> scores.final("val") | scores.bio()  # what a trial logs  # doctest: +SKIP
+    >>> scores.final("val") | scores.bio() | scores.batch("val")  # a trial's  # doctest: +SKIP
     >>> scores.test()  # the held-out numbers, never used for selection  # doctest: +SKIP
     """
 
@@ -117,9 +131,19 @@ class SplitScores:
         labels = np.concatenate([self.cells("train")[1], self.cells("val")[1]])
         return bio_conservation(latent, labels)
 
+    def batch(self, split: str = "val") -> dict[str, float]:
+        """How well the batches mix in one split's latent (`evaluate.BATCH_METRICS`: batch ASW,
+        iLISI, graph connectivity and their mean `batch_score`), on the same cells as the other
+        metrics; empty without a batch key."""
+        batches = metric_batches(self.data, split)
+        if batches is None:
+            return {}
+        return batch_correction(self.latent(split), self.cells(split)[1], batches)
+
     def test(self) -> dict[str, float]:
-        """The held-out test metrics, named test_<metric>."""
-        return {f"test_{name}": value for name, value in self.final("test").items()}
+        """The held-out test metrics (final and batch), named test_<metric>."""
+        held_out = self.final("test") | self.batch("test")
+        return {f"test_{name}": value for name, value in held_out.items()}
 
 
 def evaluate_model(model: Embedding, data: PreparedData, split: str = "val") -> dict[str, float]:
