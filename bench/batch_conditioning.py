@@ -13,6 +13,9 @@ A leave-patients-out row repeats it with four whole patients held out: only a mo
 encoder needs no batch can embed them at all.
 
     python bench/batch_conditioning.py --seeds 0 1 2
+    python bench/batch_conditioning.py --seeds 2 --protocols "held-out patients" --models decoder
+
+Each result is also printed (to stderr) as it comes, one line per seed, protocol and model.
 """
 
 from __future__ import annotations
@@ -101,6 +104,13 @@ def _splits(cells: ad.AnnData, seed: int) -> dict[str, tuple[ad.AnnData, ad.AnnD
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=("held-out cells", "held-out patients"),
+        default=["held-out cells", "held-out patients"],
+    )
+    parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     cells = ad.read_h5ad(SUBSET)
@@ -109,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         for protocol, (train, held) in _splits(cells, seed).items():
-            for variant, conditioning in VARIANTS.items():
-                model = _fit(train, conditioning, seed)
+            if protocol not in args.protocols:
+                continue
+            for variant in args.models:
+                model = _fit(train, VARIANTS[variant], seed)
                 try:
                     scores = _scores(model, train, held, seed)
                 except InputError:  # a conditioned encoder cannot embed unseen patients
