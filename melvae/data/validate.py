@@ -248,7 +248,7 @@ def validate_batches(
                 known,
             )
         return None
-    where = f"{source}, obs column {batch_key!r}; the study's [data] batch_key (--batch-key)"
+    where = f"{source}, obs column {batch_key!r} named by batch_key"
     if batch_key not in adata.obs:
         hint = f" ({known!r} holds this dataset's batches)" if known in adata.obs else ""
         raise InputError(
