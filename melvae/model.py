@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from melvae import params
 from melvae.data.loader import batches
 from melvae.errors import InputError
+from melvae.folder_swap import recover, replacing
 from melvae.likelihoods import LikelihoodName, check_pair, get_likelihood
 from melvae.module import VAEModule
 from melvae.preprocess import (
@@ -289,6 +288,7 @@ class MelVAE:
         other non-empty directory is refused.
         """
         directory = Path(directory)
+        recover(directory)  # a save killed mid-swap: the previous model is put back first
         is_model = (directory / MODEL_FILE).is_file()
         if (
             directory.exists()
@@ -300,18 +300,11 @@ class MelVAE:
                 where=str(directory),
                 fix="choose a new or empty directory",
             )
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
+        with replacing(directory) as staging:
             # CPU tensors: the file reads the same on any machine, whatever device trained it.
             weights = {name: t.detach().cpu() for name, t in self.module.state_dict().items()}
-            torch.save(weights, tmp / WEIGHTS_FILE)
-            (tmp / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            torch.save(weights, staging / WEIGHTS_FILE)
+            (staging / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
         return directory
 
     def _metadata(self) -> dict[str, Any]:
@@ -444,21 +437,6 @@ def _label_names(adata: ad.AnnData, label_key: str | None) -> list[str]:
             fix="pass an existing obs column as label_key, or None",
         )
     return sorted(map(str, adata.obs[label_key].dropna().unique()))
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move directory `src` to `dest`, replacing a previous `dest` without a half-written state."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-    os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 MelVAE.fit.__func__.__doc__ = MelVAE.fit.__doc__.replace(

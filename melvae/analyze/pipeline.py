@@ -38,7 +38,7 @@ from melvae.analyze.output import check_destination, write_folder
 from melvae.analyze.report import render_report
 from melvae.analyze.transfer import UNASSIGNED, transfer_labels, transfer_metrics
 from melvae.analyze.variance import covariate_shares
-from melvae.data.datasets import load_dataset
+from melvae.data.datasets import CATALOGUE, load_dataset
 from melvae.data.validate import validate_expression, warn_outside_training_range
 from melvae.errors import InputError
 from melvae.faultpoint import stop_point
@@ -67,7 +67,6 @@ class ModelSource:
     version: str | None
     trial_run_id: str | None
     experiment_id: str | None
-    run_params: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -117,51 +116,47 @@ def resolve_source(uri: str) -> ModelSource:
     except MlflowException:
         version = None
     if version is None:
-        return ModelSource(uri, name, None, None, None, {})
+        return ModelSource(uri, name, None, None, None)
     run_id = version.tags.get("run_id") or version.run_id
     run = client.get_run(run_id) if run_id else None
-    parent_id = run.data.tags.get("mlflow.parentRunId") if run else None
-    # A trial run holds its own settings; what all trials share is on its parent `run`.
-    params = dict(client.get_run(parent_id).data.params) if parent_id else {}
-    params |= dict(run.data.params) if run else {}
     return ModelSource(
         uri=uri,
         name=name,
         version=str(version.version),
         trial_run_id=run_id,
         experiment_id=run.info.experiment_id if run else None,
-        run_params=params,
     )
 
 
-def default_cells(source: ModelSource) -> tuple[ad.AnnData, ad.AnnData, str | None]:
-    """The model's own data: its training split as reference, held-out cells as query.
+def default_cells(model: MelVAE, uri: str) -> tuple[ad.AnnData, ad.AnnData, str | None]:
+    """The model's own data, as its stored origin (`melvae.json`) names them: its training
+    split as reference, its held-out test split as query.
 
     For GSE115978 the query is the SciBet-style query set (immune + Neg.cell).
     """
-    params = source.run_params
-    key = params.get("dataset")
-    if not key:
+    origin = model.origin
+    if not origin:
         raise InputError(
-            f"cannot tell which dataset trained {source.uri}",
-            where="the model's MLflow run parameters",
-            fix="pass --reference and --query files",
+            f"the model {uri} does not say which data trained it (it has no stored origin: it "
+            "was saved by an older melvae, or by MelVAE.save outside a study)",
+            where=f"{uri}: melvae.json, key 'origin'",
+            fix="pass --reference and --query files, or analyse a model of a study run by "
+            "this melvae",
         )
-    label_key = params.get("label_key") or None
-    if label_key == "None":
-        label_key = None
+    key, label_key = origin["dataset"], origin["label_key"]
+    if key not in CATALOGUE:
+        raise InputError(
+            f"the model {uri} was trained on {key!r}, which is not a dataset melvae can load "
+            "again (an in-memory AnnData or a file)",
+            where=f"{uri}: melvae.json, origin.dataset",
+            fix=f"pass --reference and --query files, or use one of {', '.join(CATALOGUE)}",
+        )
     if key in _SCIBET_QUERY:
         return load_dataset(key).adata, load_dataset(_SCIBET_QUERY[key]).adata, label_key
     adata = load_dataset(key).adata
     if label_key is not None:
         adata = adata[adata.obs[label_key].notna()].copy()
-    splits = split_cells(
-        adata,
-        label_key,
-        val_fraction=float(params["preprocess.val_fraction"]),
-        test_fraction=float(params["preprocess.test_fraction"]),
-        seed=int(params["preprocess.seed"]),
-    )
+    splits = split_cells(adata, label_key, **origin["split"])
     return adata[splits["train"]].copy(), adata[splits["test"]].copy(), label_key
 
 
@@ -240,9 +235,9 @@ def analyze(
         track.use_backend(tracking_uri)
     uri = model_uri or default_model_uri()
     model = load_model(uri, tracking_uri=tracking_uri)
-    source = resolve_source(uri) if has_backend else ModelSource(uri, None, None, None, None, {})
+    source = resolve_source(uri) if has_backend else ModelSource(uri, None, None, None, None)
     libraries = load_libraries(list(genesets))
-    ref_cells, query_cells, key = _cells(source, reference, query, label_key)
+    ref_cells, query_cells, key = _cells(model, uri, reference, query, label_key)
     for role, cells, path in (("reference", ref_cells, reference), ("query", query_cells, query)):
         check_cells(model, cells, source=str(path) if path else f"the model's own {role} cells")
     patients = None if batch_key is None else _batches(ref_cells, batch_key)
@@ -342,11 +337,15 @@ def analyze(
 
 
 def _cells(
-    source: ModelSource, reference: Path | None, query: Path | None, label_key: str | None
+    model: MelVAE,
+    uri: str,
+    reference: Path | None,
+    query: Path | None,
+    label_key: str | None,
 ) -> tuple[ad.AnnData, ad.AnnData, str]:
     given_ref, given_query = _read_cells(reference), _read_cells(query)
     if given_ref is None or given_query is None:
-        default_ref, default_query, default_key = default_cells(source)
+        default_ref, default_query, default_key = default_cells(model, uri)
         given_ref = given_ref or (default_ref, default_key)
         given_query = given_query or (default_query, default_key)
     key = label_key or given_ref[1] or given_query[1]

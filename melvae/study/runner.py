@@ -25,7 +25,7 @@ from melvae.register import Registration, load_model, model_name, register_and_p
 from melvae.study import workers
 from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
-from melvae.study.identity import check_identity
+from melvae.study.identity import check_identity, stored_selection
 from melvae.study.objective import Objective, PreparedData, study_params
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
@@ -47,10 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 _SEEDED_ATTR = "seed_trials_enqueued"
-# Stored when the study is created, read by `best`, `promote` and `analyze` rather than guessed:
-# the objectives and selection rule it optimises for, and the dataset it runs on.
-OBJECTIVES_ATTR = "objectives"
-SELECTION_ATTR = "selection"
+# Stored when the study is created, read by `best` and `promote` rather than guessed from its
+# name: the dataset it runs on (its objectives and selection rule: `identity.stored_selection`).
 DATASET_ATTR = "dataset_key"
 CHAMPION_TEST_ATTR = "champion_test_metrics"
 CHAMPION_ATTR = "champion"  # a study user attribute: the champion in one line
@@ -189,9 +187,7 @@ def _create_study(
             searched = {name: value for name, value in params.items() if _is_searched(config, name)}
             study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
         study.set_user_attr(_SEEDED_ATTR, True)
-    if OBJECTIVES_ATTR not in study.user_attrs:
-        study.set_user_attr(OBJECTIVES_ATTR, list(config.objectives))
-        study.set_user_attr(SELECTION_ATTR, dataclasses.asdict(config.selection))
+    if DATASET_ATTR not in study.user_attrs:
         study.set_user_attr(DATASET_ATTR, dataset_key)
     return study
 
@@ -494,10 +490,10 @@ def best_complete_trial(
 def effective_config(study: optuna.Study, config: StudyConfig) -> StudyConfig:
     """The study file as this study ran it: its stored objectives and selection rule (a study
     of unlabelled data selects on fit alone)."""
-    stored = study.user_attrs.get(OBJECTIVES_ATTR)
+    stored = stored_selection(study)
     if stored is not None:
-        selection = SelectionRule(**study.user_attrs[SELECTION_ATTR])
-        return dataclasses.replace(config, objectives=tuple(stored), selection=selection)
+        objectives, selection = stored
+        return dataclasses.replace(config, objectives=objectives, selection=selection)
     # A study created before these attributes were stored: inferred from its directions.
     if len(study.directions) != len(config.objectives) and config.objective == "val_loss":
         return config.fit_only()
