@@ -74,9 +74,9 @@ METHODS = {
 }
 
 
-def load() -> ad.AnnData:
+def load(path: Path = SUBSET) -> ad.AnnData:
     """The T cells with `cell_type` and `sample` (patient); cell types under 5 cells dropped."""
-    adata = ad.read_h5ad(SUBSET)
+    adata = ad.read_h5ad(path)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
     adata.obs["sample"] = adata.obs["sample"].astype(str)
     counts = adata.obs["cell_type"].value_counts()
@@ -158,10 +158,17 @@ def baseline(method: str, train: ad.AnnData, held: ad.AnnData) -> Embedding:
 
 
 def one(
-    split: str, seed: int, method: str, *, n_trials: int, epochs: int | None, out: Path
+    split: str,
+    seed: int,
+    method: str,
+    *,
+    n_trials: int,
+    epochs: int | None,
+    out: Path,
+    data: Path = SUBSET,
 ) -> dict[str, object]:
     """Score one method on one outer split and seed; save and return the result."""
-    train, held = outer_split(load(), split, seed)
+    train, held = outer_split(load(data), split, seed)
     started = time.perf_counter()
     info: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,6 +240,7 @@ def main() -> int:
     parser.add_argument("--n-trials", type=int, default=8, help="trials per study (default 8)")
     parser.add_argument("--epochs", type=int, help="cap epochs (quick looks only)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/melvae-batch-effects"))
+    parser.add_argument("--data", type=Path, default=SUBSET, help="the T-cell subset (.h5ad)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -251,6 +259,7 @@ def main() -> int:
                         n_trials=args.n_trials,
                         epochs=args.epochs,
                         out=args.out,
+                        data=args.data,
                     )
                     print(f"  done in {result['seconds']:.0f} s", flush=True)
     print_table(args.out)
