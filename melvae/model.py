@@ -3,6 +3,11 @@
 A MelVAE carries everything needed to apply it to new data: the fitted Preprocessor (gene list
 and training-split statistics), the torch module, and the hyperparameters it was built with.
 New data are aligned to the model's genes by name before the fitted transform is applied.
+
+A model fitted with a `batch_key` is conditioned on each cell's batch (patient, sample; see
+`melvae.module`) and keeps the batch names it trained on. With the default decoder-only
+conditioning, `encode` needs no batch, so cells of a patient the model never saw encode like any
+others; decoding needs a batch it knows: the cells' own, or one named by `transform_batch`.
 """
 
 from __future__ import annotations
@@ -11,8 +16,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,12 +23,15 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
 from melvae import params
-from melvae.data.loader import batches
+from melvae.data.loader import coded_batches
+from melvae.data.validate import validate_batches
 from melvae.errors import InputError
+from melvae.folder_swap import recover, replacing
 from melvae.likelihoods import LikelihoodName, check_pair, get_likelihood
 from melvae.module import VAEModule
 from melvae.preprocess import (
@@ -57,6 +63,9 @@ class MelVAE:
         What the module was built with (`melvae.params`), as stored in `melvae.json`.
     label_key, label_names
         The obs column of cell-type labels it was trained next to, and the labels seen.
+    batch_key, batch_names
+        The obs column of each cell's batch the module is conditioned on (None: none), and the
+        batches it was trained on, in the order of their codes.
     library_size
         Median total counts of the training cells (for likelihoods that decode counts).
     history
@@ -82,6 +91,8 @@ class MelVAE:
         hyperparameters: dict[str, Any],
         label_key: str | None = None,
         label_names: list[str] | None = None,
+        batch_key: str | None = None,
+        batch_names: list[str] | None = None,
         library_size: float | None = None,
         history: History | None = None,
         origin: dict[str, Any] | None = None,
@@ -91,6 +102,8 @@ class MelVAE:
         self.hyperparameters = hyperparameters
         self.label_key = label_key
         self.label_names = list(label_names or [])
+        self.batch_key = batch_key
+        self.batch_names = list(batch_names or [])
         self.library_size = library_size
         self.history = history
         self.origin = origin
@@ -119,6 +132,7 @@ class MelVAE:
         likelihood: LikelihoodName = "bernoulli",
         train: TrainConfig | None = None,
         label_key: str | None = None,
+        batch_key: str | None = None,
         on_epoch: EpochCallback | None = None,
         progress: bool = True,
         origin: dict[str, Any] | None = None,
@@ -142,6 +156,10 @@ class MelVAE:
             early stopping, seed, device); default `TrainConfig()`.
         label_key
             An obs column of cell-type labels kept with the model (None: none).
+        batch_key
+            An obs column naming each cell's batch (patient, sample): the module is conditioned
+            on it (`batch_conditioning` says where) and keeps the training cells' batch names;
+            every validation cell must belong to one of them. None: no batch covariate.
         on_epoch
             Called as `on_epoch(epoch, metrics)` after every epoch.
         progress
@@ -180,12 +198,15 @@ class MelVAE:
             "training": asdict(training),
             "preprocess": preprocess_config,
         }
+        batch_names = _batch_names(train_cells, batch_key, label_key)
         model = cls(
-            _new_module(hyperparameters, seed=training.seed),
+            _new_module(hyperparameters, seed=training.seed, n_batches=len(batch_names)),
             preprocessor,
             hyperparameters=hyperparameters,
             label_key=label_key,
             label_names=_label_names(train_cells, label_key),
+            batch_key=batch_key,
+            batch_names=batch_names,
             origin=origin,
         )
         train_x = model._prepare(train_cells, "training cells")
@@ -193,9 +214,75 @@ class MelVAE:
         if get_likelihood(likelihood, where="MelVAE.fit").uses_library:
             model.library_size = float(np.median(np.asarray(train_x.sum(axis=1)).ravel()))
         model.history = train_vae(
-            model.module, train_x, val_x, training, on_epoch=on_epoch, progress=progress
+            model.module,
+            train_x,
+            val_x,
+            training,
+            on_epoch=on_epoch,
+            progress=progress,
+            train_batches=model.batch_codes(train_cells, what="training cells"),
+            val_batches=model.batch_codes(val_cells, what="validation cells"),
         )
         return model
+
+    def batch_codes(
+        self,
+        adata: ad.AnnData,
+        *,
+        transform_batch: str | None = None,
+        what: str = "input cells",
+    ) -> np.ndarray | None:
+        """Each cell's batch code (the index of its batch in `batch_names`), None for a model
+        without a batch covariate.
+
+        `transform_batch` (one of `batch_names`) gives every cell that batch instead of its
+        own; otherwise each cell's batch is read from `adata.obs[batch_key]` and must be one the
+        model was trained on (an InputError names the others).
+        """
+        if transform_batch is not None or self.batch_key is None:
+            index = self._batch_index(transform_batch, what)
+            return None if index is None else np.full(adata.n_obs, index, dtype=np.int64)
+        known = f"the model's batches ({', '.join(map(repr, self.batch_names))})"
+        if self.batch_key not in adata.obs:
+            raise InputError(
+                f"the cells have no obs column {self.batch_key!r}, the batch each cell came "
+                "from, which this model decodes with",
+                where=f"{what}, obs columns",
+                fix=f"add obs[{self.batch_key!r}] naming one of {known} per cell, or pass "
+                "transform_batch= to decode every cell as one of them",
+            )
+        names = adata.obs[self.batch_key].astype(str).to_numpy()
+        codes = pd.Categorical(names, categories=self.batch_names).codes.astype(np.int64)
+        unseen = pd.unique(names[codes < 0])
+        if len(unseen):
+            raise InputError(
+                f"{int((codes < 0).sum())} cell(s) belong to {len(unseen)} batch(es) the model "
+                f"never saw: {', '.join(map(repr, unseen[:5]))}",
+                where=f"{what}, obs column {self.batch_key!r}",
+                fix=f"decode them as one of {known} with transform_batch=...; a model with "
+                "batch_conditioning = 'decoder' (the default) encodes them without a batch",
+            )
+        return codes
+
+    def _batch_index(self, transform_batch: str | None, what: str) -> int | None:
+        """The code of batch `transform_batch` (None: none asked for); an InputError where the
+        model has no batch covariate to decode as, or no such batch."""
+        if transform_batch is None:
+            return None
+        if self.batch_key is None:
+            raise InputError(
+                f"transform_batch={transform_batch!r}, but this model has no batch covariate",
+                where=what,
+                fix="leave transform_batch unset for a model fitted without batch_key",
+            )
+        if transform_batch not in self.batch_names:
+            raise InputError(
+                f"transform_batch={transform_batch!r} is not one of the model's batches "
+                f"({', '.join(map(repr, self.batch_names))})",
+                where=what,
+                fix="name one of the batches the model was trained on",
+            )
+        return self.batch_names.index(transform_batch)
 
     def _prepare(self, adata: ad.AnnData, what: str = "input cells") -> Matrix:
         """Align `adata` to the model's genes by name and apply the fitted transform."""
@@ -210,15 +297,24 @@ class MelVAE:
         return self.preprocessor.transform_matrix(X)
 
     def _predict(
-        self, fn: Callable[[torch.Tensor], torch.Tensor], x: Matrix, batch_size: int
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+        x: Matrix,
+        batch_size: int,
+        codes: np.ndarray | None = None,
     ) -> np.ndarray:
-        """`fn` over batches of `x` on the module's device (where it was trained); numpy out."""
+        """`fn(rows, their batch codes)` over batches of `x` on the module's device (where it
+        was trained); numpy out."""
         self.module.eval()
         device = self.device
         with torch.no_grad():
-            out = [fn(xb).cpu().numpy() for xb in batches(x, batch_size, device=device)]
+            out = [
+                fn(xb, bb).cpu().numpy()
+                for xb, bb in coded_batches(x, codes, batch_size, device=device)
+            ]
             if not out:  # no cells: still return the right number of columns
-                return fn(torch.zeros((0, x.shape[1]), device=device)).cpu().numpy()
+                none = None if codes is None else torch.zeros(0, dtype=torch.int64, device=device)
+                return fn(torch.zeros((0, x.shape[1]), device=device), none).cpu().numpy()
         return np.concatenate(out)
 
     @property
@@ -227,8 +323,15 @@ class MelVAE:
         return next(self.module.parameters()).device
 
     def encode(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
-        """Latent means (cells x latent_dim) for the cells of `adata`, genes matched by name."""
-        return self._predict(lambda xb: self.module.encode(xb)[0], self._prepare(adata), batch_size)
+        """Latent means (cells x latent_dim) for the cells of `adata`, genes matched by name.
+
+        Needs no batch unless the encoder is conditioned too (`batch_conditioning =
+        "encoder_decoder"`): cells of a patient the model never saw encode as any others.
+        """
+        codes = self.batch_codes(adata) if self.module.encoder_conditioned else None
+        return self._predict(
+            lambda xb, bb: self.module.encode(xb, bb)[0], self._prepare(adata), batch_size, codes
+        )
 
     def embed(self, adata: ad.AnnData, key: str = "X_melvae") -> ad.AnnData:
         """Write the latent means to `adata.obsm[key]` and return `adata`."""
@@ -236,12 +339,18 @@ class MelVAE:
         return adata
 
     def decode(
-        self, latent: np.ndarray, *, library_size: float | None = None, batch_size: int = 1024
+        self,
+        latent: np.ndarray,
+        *,
+        library_size: float | None = None,
+        batch_size: int = 1024,
+        transform_batch: str | None = None,
     ) -> np.ndarray:
         """Expected expression (in the transformed space) for latent codes.
 
         For negative_binomial this is counts at `library_size` total counts per cell (default:
-        the median of the training cells).
+        the median of the training cells). A model with a batch covariate decodes every code as
+        the batch `transform_batch` (required there: one of `batch_names`).
         """
         latent = np.asarray(latent, dtype=np.float32)
         latent_dim = self.hyperparameters["latent_dim"]
@@ -251,33 +360,57 @@ class MelVAE:
                 where="MelVAE.decode",
                 fix="pass an array like the output of MelVAE.encode",
             )
+        if self.batch_key is not None and transform_batch is None:
+            raise InputError(
+                "this model decodes as a batch: name one with transform_batch=",
+                where="MelVAE.decode",
+                fix=f"pass transform_batch= one of {', '.join(map(repr, self.batch_names))}",
+            )
+        index = self._batch_index(transform_batch, "MelVAE.decode")
+        codes = None if index is None else np.full(len(latent), index, dtype=np.int64)
         size = self.library_size if library_size is None else library_size
         library = None if size is None else torch.tensor([[size]], device=self.device)
         return self._predict(
-            lambda z: self.module.decode_mean(z, library=library), latent, batch_size
+            lambda z, bb: self.module.decode_mean(z, library=library, batch=bb),
+            latent,
+            batch_size,
+            codes,
         )
 
     def reconstruct(
-        self, adata: ad.AnnData, *, batch_size: int = 1024
+        self, adata: ad.AnnData, *, batch_size: int = 1024, transform_batch: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(transformed input, reconstruction from the latent mean), both dense cells x genes."""
-        _, x, x_hat = self.encode_and_reconstruct(adata, batch_size=batch_size)
+        """(transformed input, reconstruction from the latent mean), both dense cells x genes.
+
+        A model with a batch covariate decodes each cell as its own batch (`obs[batch_key]`,
+        one the model knows), or every cell as `transform_batch`.
+        """
+        _, x, x_hat = self.encode_and_reconstruct(
+            adata, batch_size=batch_size, transform_batch=transform_batch
+        )
         return x, x_hat
 
     def encode_and_reconstruct(
-        self, adata: ad.AnnData, *, batch_size: int = 1024
+        self, adata: ad.AnnData, *, batch_size: int = 1024, transform_batch: str | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(latent means, transformed input, reconstruction) in one pass over the cells: what
         `encode` and `reconstruct` give, for the cost of one."""
+        fixed = self._batch_index(transform_batch, "encode_and_reconstruct(transform_batch=)")
+        if fixed is None:
+            codes = self.batch_codes(adata)
+        else:  # decoded as one batch; a conditioned encoder reads the cells' own
+            codes = self.batch_codes(adata) if self.module.encoder_conditioned else None
         x = self._prepare(adata)
         latent_dim = self.hyperparameters["latent_dim"]
 
-        def both(xb: torch.Tensor) -> torch.Tensor:
-            mu, _ = self.module.encode(xb)
+        def both(xb: torch.Tensor, bb: torch.Tensor | None) -> torch.Tensor:
+            mu, _ = self.module.encode(xb, bb)
             library = xb.sum(dim=-1, keepdim=True)
-            return torch.cat([mu, self.module.decode_mean(mu, library=library)], dim=1)
+            if fixed is not None:
+                bb = torch.full((len(xb),), fixed, dtype=torch.int64, device=xb.device)
+            return torch.cat([mu, self.module.decode_mean(mu, library, bb)], dim=1)
 
-        out = self._predict(both, x, batch_size)
+        out = self._predict(both, x, batch_size, codes)
         dense = x.toarray() if sp.issparse(x) else np.asarray(x)
         return out[:, :latent_dim], dense, out[:, latent_dim:]
 
@@ -289,6 +422,7 @@ class MelVAE:
         other non-empty directory is refused.
         """
         directory = Path(directory)
+        recover(directory)  # a save killed mid-swap: the previous model is put back first
         is_model = (directory / MODEL_FILE).is_file()
         if (
             directory.exists()
@@ -300,18 +434,11 @@ class MelVAE:
                 where=str(directory),
                 fix="choose a new or empty directory",
             )
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
+        with replacing(directory) as staging:
             # CPU tensors: the file reads the same on any machine, whatever device trained it.
             weights = {name: t.detach().cpu() for name, t in self.module.state_dict().items()}
-            torch.save(weights, tmp / WEIGHTS_FILE)
-            (tmp / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            torch.save(weights, staging / WEIGHTS_FILE)
+            (staging / MODEL_FILE).write_text(json.dumps(self._metadata(), indent=1))
         return directory
 
     def _metadata(self) -> dict[str, Any]:
@@ -321,6 +448,8 @@ class MelVAE:
             "preprocessor": self.preprocessor.to_dict(),
             "label_key": self.label_key,
             "label_names": self.label_names,
+            "batch_key": self.batch_key,
+            "batch_names": self.batch_names,
             "library_size": self.library_size,
             "history": None if self.history is None else self.history.to_dict(),
             "origin": self.origin,
@@ -346,7 +475,8 @@ class MelVAE:
         state = _read_weights(weights_file)
         try:
             hyperparameters = meta["hyperparameters"]
-            module = _new_module(hyperparameters, seed=0)
+            batch_names = list(meta.get("batch_names") or [])
+            module = _new_module(hyperparameters, seed=0, n_batches=len(batch_names))
             preprocessor = Preprocessor.from_dict(meta["preprocessor"])
             history = meta.get("history")
             history = None if history is None else History.from_dict(history)
@@ -365,6 +495,8 @@ class MelVAE:
             hyperparameters=hyperparameters,
             label_key=meta.get("label_key"),
             label_names=meta.get("label_names"),
+            batch_key=meta.get("batch_key"),
+            batch_names=batch_names,
             library_size=meta.get("library_size"),
             history=history,
             origin=meta.get("origin"),
@@ -418,8 +550,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
-    """Build the module with weights initialised from `seed`, leaving the global RNG untouched."""
+def _new_module(hyperparameters: dict[str, Any], *, seed: int, n_batches: int = 0) -> VAEModule:
+    """Build the module (conditioned on `n_batches` batches, 0: none) with weights initialised
+    from `seed`, leaving the global RNG untouched."""
     # A model saved before a module parameter existed gets its default (the original layer).
     architecture = params.module_values(params.select(hyperparameters, "module"), where=MODEL_FILE)
     with torch.random.fork_rng(devices=[]):
@@ -429,6 +562,7 @@ def _new_module(hyperparameters: dict[str, Any], *, seed: int) -> VAEModule:
             architecture.pop("hidden_dim"),
             architecture.pop("latent_dim"),
             hyperparameters["likelihood"],
+            n_batches,
             **architecture,
         )
 
@@ -446,19 +580,13 @@ def _label_names(adata: ad.AnnData, label_key: str | None) -> list[str]:
     return sorted(map(str, adata.obs[label_key].dropna().unique()))
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move directory `src` to `dest`, replacing a previous `dest` without a half-written state."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-    os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _batch_names(adata: ad.AnnData, batch_key: str | None, label_key: str | None) -> list[str]:
+    """Sorted distinct batches of the training cells ([] without a batch key), the column
+    checked as a study checks it (present, no cell without a batch, at least two)."""
+    if batch_key is None:
+        return []
+    validate_batches(adata, batch_key, source="MelVAE.fit training cells", label_key=label_key)
+    return sorted(map(str, adata.obs[batch_key].astype(str).unique()))
 
 
 MelVAE.fit.__func__.__doc__ = MelVAE.fit.__doc__.replace(

@@ -6,10 +6,19 @@ decoder: Linear(latent -> hidden) + ReLU -> Linear(hidden -> n_genes). `n_layers
 deepen both sides; the activation may be ReLU, GELU or ELU; the defaults (1 layer, no norm, no
 dropout, ReLU) are the original module, parameter for parameter. The decoder
 output is read by the likelihood object (`melvae.likelihoods`): its loss, mean and encoder input.
+
+With `n_batches` > 0 the module is conditioned on each cell's batch in the manner of scVI: the
+batch's one-hot code enters the decoder's first layer (and, with `batch_conditioning =
+"encoder_decoder"`, the encoder's first layer too). A one-hot input to a linear layer adds one
+weight column per batch to its pre-activation, so each conditioned layer gets a table of those
+columns (`nn.Embedding`, initialised as `nn.Linear` initialises the one-hot columns it would
+have), created after every other weight: without batches the module is the unconditioned one,
+parameter for parameter and draw for draw.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -60,7 +69,8 @@ def hidden_stack(
 
 
 class VAEModule(nn.Module):
-    """VAE for cells x genes input: 1-3 hidden layers each side (1 = the original)."""
+    """VAE for cells x genes input: 1-3 hidden layers each side (1 = the original), optionally
+    conditioned on each cell's batch (`n_batches` > 0)."""
 
     def __init__(
         self,
@@ -68,10 +78,12 @@ class VAEModule(nn.Module):
         hidden_dim: int,
         latent_dim: int,
         likelihood: LikelihoodName = "bernoulli",
+        n_batches: int = 0,
         **architecture: Any,
     ) -> None:
         """Build the module; `architecture` takes the other module parameters of
-        `melvae.params` (n_layers, dropout, norm, ...), each defaulting to the original."""
+        `melvae.params` (n_layers, dropout, norm, batch_conditioning, ...), each defaulting to
+        the original. `n_batches`: the batches it is conditioned on (0: none)."""
         super().__init__()
         self.likelihood_model = get_likelihood(likelihood, where="VAEModule")
         if n_genes < 1:
@@ -86,6 +98,7 @@ class VAEModule(nn.Module):
         self.likelihood = likelihood
         block.pop("latent_dim")
         hidden_dim = block.pop("hidden_dim")
+        conditioning = block.pop("batch_conditioning")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
@@ -95,47 +108,123 @@ class VAEModule(nn.Module):
         )
         for name, parameter in self.likelihood_model.extra_parameters(n_genes).items():
             self.register_parameter(name, parameter)
+        if n_batches < 0:
+            raise InputError(
+                f"n_batches = {n_batches}: a count of batches cannot be negative",
+                where="VAEModule",
+                fix="give 0 (no batch covariate) or the number of batches",
+            )
+        self.n_batches = n_batches
+        # Created last, so the weights above are drawn exactly as without batches.
+        self.decoder_batch = _one_hot_columns(n_batches, latent_dim, hidden_dim)
+        self.encoder_batch = (
+            _one_hot_columns(n_batches, n_genes, hidden_dim)
+            if conditioning == "encoder_decoder"
+            else None
+        )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance of the latent code for each cell."""
-        h = self.encoder(self.likelihood_model.encoder_input(x))
+    @property
+    def encoder_conditioned(self) -> bool:
+        """Whether encoding a cell needs its batch (the encoder is conditioned too)."""
+        return self.encoder_batch is not None
+
+    def encode(
+        self, x: torch.Tensor, batch: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of the latent code for each cell.
+
+        `batch`: each cell's batch code (int64), needed only by a conditioned encoder.
+        """
+        h = _conditioned(
+            self.encoder, self.likelihood_model.encoder_input(x), self.encoder_batch, batch
+        )
         return self.mu(h), self.logvar(h)
 
-    def decode_mean(self, z: torch.Tensor, library: torch.Tensor | None = None) -> torch.Tensor:
+    def decoded(self, z: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's raw output for latent codes `z` of cells of batch codes `batch`."""
+        return _conditioned(self.decoder, z, self.decoder_batch, batch)
+
+    def decode_mean(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor | None = None,
+        batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Expected expression in the transformed space for latent codes `z`.
 
         `library` (cells x 1 total counts) only matters for a likelihood that uses it
         (negative_binomial; without it the result is each gene's expected proportion).
+        `batch`: the batch codes to decode as (a conditioned module needs them).
         """
-        return self.likelihood_model.mean(self, self.decoder(z), library)
+        return self.likelihood_model.mean(self, self.decoded(z, batch), library)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
         """Expected expression decoded from each cell's posterior mean (no sampling)."""
-        mu, _ = self.encode(x)
-        return self.decode_mean(mu, library=x.sum(dim=-1, keepdim=True))
+        mu, _ = self.encode(x, batch)
+        return self.decode_mean(mu, library=x.sum(dim=-1, keepdim=True), batch=batch)
 
     def loss(
-        self, x: torch.Tensor, kl_weight: float = 1.0, *, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        kl_weight: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        batch: torch.Tensor | None = None,
     ) -> LossParts:
         """Negative ELBO: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
-        One reparameterised sample per cell, drawn from `generator` (the global RNG if None).
+        One reparameterised sample per cell, drawn from `generator` (the global RNG if None);
+        `batch`: each cell's batch code (int64), for a conditioned module.
         A module `melvae.fused` covers (ReLU blocks with or without layer norm and dropout, the
-        Bernoulli likelihood) computes it as one autograd node; the numbers are
-        `autograd_loss`'s within float rounding.
+        Bernoulli likelihood, no batch conditioning) computes it as one autograd node; the
+        numbers are `autograd_loss`'s within float rounding.
         """
-        plan = plan_of(self)
+        plan = plan_of(self)  # None for a conditioned module: its batch columns are extra weights
         if plan is not None:
             return LossParts(*vae_loss(self, plan, x, kl_weight, generator))
-        return self.autograd_loss(x, kl_weight, generator=generator)
+        return self.autograd_loss(x, kl_weight, generator=generator, batch=batch)
 
     def autograd_loss(
-        self, x: torch.Tensor, kl_weight: float = 1.0, *, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        kl_weight: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        batch: torch.Tensor | None = None,
     ) -> LossParts:
         """`loss` through the layers' own autograd nodes, for any architecture."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, batch)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z, kl = sample_and_kl(mu, logvar, eps)
-        recon = self.likelihood_model.nll(self, x, self.decoder(z)).mean()
+        recon = self.likelihood_model.nll(self, x, self.decoded(z, batch)).mean()
         kl = kl.mean()
         return LossParts(recon + kl_weight * kl, recon, kl)
+
+
+def _one_hot_columns(n_batches: int, in_dim: int, out_dim: int) -> nn.Embedding | None:
+    """The weight columns a one-hot batch code adds to a Linear(in_dim -> out_dim) layer, drawn
+    as `nn.Linear(in_dim + n_batches, out_dim)` draws its weights; None without batches."""
+    if n_batches == 0:
+        return None
+    columns = nn.Embedding(n_batches, out_dim)
+    bound = 1 / math.sqrt(in_dim + n_batches)
+    nn.init.uniform_(columns.weight, -bound, bound)
+    return columns
+
+
+def _conditioned(
+    stack: nn.Sequential,
+    x: torch.Tensor,
+    columns: nn.Embedding | None,
+    batch: torch.Tensor | None,
+) -> torch.Tensor:
+    """`stack(x)`, with each cell's batch columns added to the first layer's output."""
+    if columns is None:
+        return stack(x)
+    if batch is None:
+        raise InputError(
+            "this module is conditioned on the batch, but no batch codes were given",
+            where="VAEModule",
+            fix="pass each cell's batch code (MelVAE does so from the model's batch_key)",
+        )
+    return stack[1:](stack[0](x) + columns(batch))

@@ -137,6 +137,15 @@ PARAMS: dict[str, Param] = {
             "relu",
             choices=("relu", "gelu", "elu"),
         ),
+        Param(
+            "batch_conditioning",
+            str,
+            _MODULE,
+            "where a batch covariate enters: the decoder only (cells of unseen batches encode) "
+            "or the encoder too; unused without a batch key",
+            "decoder",
+            choices=("decoder", "encoder_decoder"),
+        ),
         Param("learning_rate", float, _TRAIN, "Adam's learning rate", 1e-3, low=0, low_open=True),
         Param("epochs", int, _TRAIN, "most epochs to train", 100, low=1),
         Param("batch_size", int, _TRAIN, "cells per minibatch", 32, low=1),

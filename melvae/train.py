@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from melvae.data.loader import batches, densified
+from melvae.data.loader import coded_batches, densified
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
 from melvae.fused import plan_of, vae_loss
@@ -199,11 +199,13 @@ def evaluate_loss(
     kl_weight: float = 1.0,
     seed: int = 0,
     batch_size: int = 1024,
+    batch_codes: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Negative ELBO of `x` averaged over cells: {"loss", "recon", "kl"}.
 
     Uses noise from a generator seeded with `seed`, so the same weights give the same value.
-    Runs on the module's device.
+    Runs on the module's device. `batch_codes`: each cell's batch code, for a module
+    conditioned on the batch.
     """
     device = _device_of(module)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -212,8 +214,9 @@ def evaluate_loss(
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     try:
         with torch.no_grad():
-            for xb in batches(x, batch_size, device=device):
-                totals += torch.stack(module.loss(xb, kl_weight, generator=generator)) * len(xb)
+            for xb, bb in coded_batches(x, batch_codes, batch_size, device=device):
+                parts = module.loss(xb, kl_weight, generator=generator, batch=bb)
+                totals += torch.stack(parts) * len(xb)
     finally:
         module.train(was_training)
     return _per_cell(totals, x.shape[0])
@@ -237,6 +240,8 @@ def train_vae(
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
     eval_batch_size: int = 1024,
+    train_batches: np.ndarray | None = None,
+    val_batches: np.ndarray | None = None,
 ) -> History:
     """Train `module` in place with Adam on `config.device`; return the loss history.
 
@@ -244,6 +249,8 @@ def train_vae(
     (e.g. optuna.TrialPruned) propagate. Training stops after `early_stopping_patience` epochs
     without a lower validation loss, and the weights of the best epoch are restored at the end,
     also when training is interrupted by an exception. A NaN/inf loss raises NonFiniteLossError.
+    `train_batches`, `val_batches`: each cell's batch code (int64), for a module conditioned on
+    the batch (None without).
     """
     train_x, val_x = (
         densified(_checked(module, x, name)) for x, name in [(train_x, "train"), (val_x, "val")]
@@ -267,13 +274,16 @@ def train_vae(
         try:
             for epoch in bar:
                 started, cpu_started = time.perf_counter(), time.process_time()
-                train = _train_epoch(module, optimizer, train_x, config, epoch, order_rng, noise)
+                train = _train_epoch(
+                    module, optimizer, train_x, config, epoch, order_rng, noise, train_batches
+                )
                 val = evaluate_loss(
                     module,
                     val_x,
                     kl_weight=config.kl_weight,
                     seed=config.seed,
                     batch_size=eval_batch_size,
+                    batch_codes=val_batches,
                 )
                 if not math.isfinite(val["loss"]):
                     raise NonFiniteLossError(epoch, "validation", val)
@@ -337,8 +347,10 @@ def _train_epoch(
     epoch: int,
     order_rng: np.random.Generator,
     noise: torch.Generator,
+    codes: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """One pass over `x` in a fresh random order; losses averaged over cells.
+    """One pass over `x` in a fresh random order; losses averaged over cells. `codes`: each
+    cell's batch code, cut into the same minibatches.
 
     Loss sums stay on the device (no per-batch host sync); a non-finite loss in any batch makes
     the epoch's sum non-finite and raises once the epoch ends (the best weights are restored).
@@ -348,10 +360,10 @@ def _train_epoch(
     device = _device_of(module)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     order = order_rng.permutation(x.shape[0])
-    plan = plan_of(module)
-    for xb in batches(x, config.batch_size, order=order, device=device):
+    plan = plan_of(module)  # None for a batch-conditioned module
+    for xb, bb in coded_batches(x, codes, config.batch_size, order=order, device=device):
         if plan is None:
-            parts = module.loss(xb, kl_weight, generator=noise)
+            parts = module.loss(xb, kl_weight, generator=noise, batch=bb)
             optimizer.zero_grad()
             parts.total.backward()
         else:  # the common architecture: loss and gradients by hand, no autograd graph

@@ -1,14 +1,19 @@
 """The Python API of a study: `melvae.tune(adata)` runs one and returns its results.
 
 `python -m melvae.study run` is a thin layer over `tune`: everything it does (device, threads,
-data from memory, a file or a named dataset; a study file, a dict or the default) is here.
+worker processes, data from memory, a file or a named dataset; a study file, a dict or the
+default) is here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +22,12 @@ import anndata as ad
 import optuna
 import pandas as pd
 
+from melvae import track
 from melvae.data.datasets import Dataset
 from melvae.errors import InputError
 from melvae.model import MelVAE
 from melvae.register import Registration
+from melvae.study import workers as workers_
 from melvae.study.config import (
     DEFAULT_STUDY,
     StudyConfig,
@@ -28,8 +35,16 @@ from melvae.study.config import (
     study_config_from_dict,
 )
 from melvae.study.objective import PreparedData
-from melvae.study.runner import DEFAULT_STORAGE, run_study, trials_table
-from melvae.study.storage import HEARTBEAT_SECONDS
+from melvae.study.recovery import Terminated
+from melvae.study.runner import (
+    DEFAULT_STORAGE,
+    config_for_data,
+    create_study,
+    prepare_data,
+    run_study,
+    trials_table,
+)
+from melvae.study.storage import HEARTBEAT_SECONDS, check_storage_url, check_tracking_uri
 
 StudyLike = StudyConfig | Mapping[str, Any] | str | os.PathLike[str] | None
 DataLike = ad.AnnData | PreparedData | str | os.PathLike[str] | None
@@ -60,6 +75,11 @@ class TuneResult:
         The study settings as they ran.
     seconds
         Wall time of the call.
+    plan
+        How the call spent the machine: worker processes x torch threads, and why.
+    worker_exit_code
+        The worst exit code of the worker processes (0: all ended well, or none were started;
+        negative: killed by that signal). Their finished trials count either way.
 
     Examples
     --------
@@ -78,6 +98,8 @@ class TuneResult:
     registration: Registration | None
     config: StudyConfig
     seconds: float
+    plan: workers_.Plan
+    worker_exit_code: int = 0
 
 
 def tune(
@@ -91,6 +113,7 @@ def tune(
     tracking_uri: str | None = None,
     device: str | None = None,
     threads: int | None = None,
+    workers: int | str = "auto",
     label_key: str | None = None,
     batch_key: str | None = None,
     name: str = "anndata",
@@ -119,15 +142,20 @@ def tune(
     device
         "auto", "cpu" or "cuda"; overrides the study's `[train] device`.
     threads
-        torch CPU threads (default: torch's). Give each of several processes on one machine
-        a share of the cores.
+        torch CPU threads of each process (default: the plan's, see `workers`). Give each of
+        several processes on one machine a share of the cores.
+    workers
+        Worker processes on this machine that share the study's trials and the cores (each
+        reads the data prepared here once, from a temporary file removed afterwards); "auto"
+        (the default, as `run`): parallel single-thread trials for a small model, threads for a
+        large one (`melvae.study.workers.choose`). The plan is printed.
     label_key
         The obs column of cell-type labels of an in-memory AnnData (default: the study's
         `[data] label_key`); without one the study selects on fit alone.
     batch_key
         The obs column naming each cell's batch (patient, sample), overriding the study's
-        `[data] batch_key`: the model is conditioned on it. Default: the study's (none: no
-        batch covariate).
+        `[data] batch_key`: the model is conditioned on it, and the study takes the objectives
+        and rule it declares for a batch key. Default: the study's (none: no batch covariate).
     name
         The dataset key of an in-memory AnnData: the study and registered model are named
         after it (`<study>-<name>`, `melvae-<name>`).
@@ -149,55 +177,43 @@ def tune(
     ...                      label_key="bulk_labels", name="pbmc")  # doctest: +SKIP
     >>> result.trials[["state", "val_loss", "bio_score"]]  # doctest: +SKIP
     >>> result.champion.encode(new_cells)  # doctest: +SKIP
+    >>> melvae.tune(adata, n_trials=8, workers=2).plan.describe()  # doctest: +SKIP
+    '2 workers x 1 thread (--workers)'
     """
+    started = time.perf_counter()
     config = study_config(study)
     if device is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
-    if threads is not None:
-        import torch
-
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InputError(
-                f"threads = {threads!r} is not a whole number >= 1",
-                where="melvae.tune(threads=...)",
-                fix="give threads a positive integer, or None for torch's default",
-            )
-        torch.set_num_threads(threads)
     if batch_key is not None:
-        config = dataclasses.replace(config, batch_key=batch_key)
-    data_path, dataset, prepared = None, None, None
-    if isinstance(data, PreparedData):
-        prepared = data
-        if prepared.batch_key != config.batch_key:
-            raise InputError(
-                f"the prepared data have batch_key {prepared.batch_key!r}, the study "
-                f"{config.batch_key!r}",
-                where="melvae.tune(data=PreparedData, batch_key=...)",
-                fix="prepare the data with the study's config (runner.prepare_data), or pass "
-                "the batch_key the data were prepared with",
-            )
-    elif isinstance(data, ad.AnnData):
-        dataset = Dataset(
-            name,
-            data,
-            label_key or config.label_key,
-            f"in-memory AnnData ({data.n_obs} cells x {data.n_vars} genes)",
-        )
-    elif data is not None:
-        data_path = Path(data)
-    outcome = run_study(
-        config,
-        storage=storage,
-        tracking_uri=tracking_uri,
-        n_trials=n_trials,
-        timeout=timeout,
-        epochs_cap=epochs,
-        data_path=data_path,
-        dataset=dataset,
-        data=prepared,
-        progress=progress,
-        heartbeat=heartbeat,
-    )
+        config = config.with_batch_key(batch_key)
+    _check_count(threads, "threads", "None for torch's default")
+    if workers != "auto":
+        _check_count(workers, "workers", '"auto" to choose from the model size and cores')
+    check_storage_url(storage)
+    check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
+    prepared = _prepared(data, config, label_key=label_key, name=name)
+    budget = n_trials or config.n_trials or workers_.UNTIL_TIMEOUT
+    plan = plan_workers(workers, config, prepared, budget, threads=threads)
+    print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
+    code, n_now, threads_now = 0, n_trials, plan.threads
+    run = {
+        "storage": storage,
+        "tracking_uri": tracking_uri,
+        "timeout": timeout,
+        "epochs_cap": epochs,
+        "progress": progress,
+        "heartbeat": heartbeat,
+    }
+    if plan.workers > 1:
+        code = start_workers(workers_.Job(config, prepared, run), plan, budget)
+        if code in (130, 143):  # stopped: the workers queued their trials again for the next run
+            raise (Terminated() if code == 143 else KeyboardInterrupt())
+        if code != 0:
+            print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
+        # The summary (champion's test scores, baselines, registration) once, here.
+        n_now, threads_now = 0, workers_.cores()
+    with _torch_threads(threads_now):
+        outcome = run_study(config, n_trials=n_now, data=prepared, **run)
     return TuneResult(
         champion=outcome.champion,
         champion_trial=outcome.champion_trial,
@@ -207,8 +223,114 @@ def tune(
         parent_run_id=outcome.parent_run_id,
         registration=outcome.registration,
         config=outcome.config,
-        seconds=outcome.seconds,
+        seconds=time.perf_counter() - started,
+        plan=plan,
+        worker_exit_code=code,
     )
+
+
+def plan_workers(
+    workers: int | str,
+    config: StudyConfig,
+    data: PreparedData,
+    n_trials: int,
+    *,
+    threads: int | None = None,
+) -> workers_.Plan:
+    """How a run spends this machine: "auto" (`workers.choose` for the study's largest model on
+    these data) or `workers` processes sharing the cores; `threads` given overrides the threads
+    per process.
+
+    Examples
+    --------
+    >>> plan_workers("auto", config, data, 20).describe()  # doctest: +SKIP
+    '2 workers x 1 thread (small model: parallel trials pay, threads do not)'
+    """
+    cores = workers_.cores()
+    if workers == "auto":
+        weights = workers_.gene_weights(config, len(data.preprocessor.genes))
+        plan = workers_.choose(cores, n_trials, weights)
+    else:
+        count = min(int(workers), n_trials)
+        plan = workers_.Plan(count, max(1, cores // count), "--workers")
+    if threads is not None:
+        plan = dataclasses.replace(plan, threads=threads, reason=f"{plan.reason}; --threads")
+    return plan
+
+
+def start_workers(job: workers_.Job, plan: workers_.Plan, n_trials: int) -> int:
+    """Create the study, pledge `n_trials` and claim the workers' sampler indices, start
+    `plan.workers` worker processes on `job` (written once to a private temporary file, removed
+    when they end) and wait; return the worst exit code (a stop takes the unrun pledge back)."""
+    config = config_for_data(job.config, job.data, announce=False)
+    storage = job.run["storage"]
+    study = create_study(config, job.data.dataset_key, storage, heartbeat=job.run["heartbeat"])
+    first = workers_.claim_workers(study, storage, plan.workers)
+    workers_.pledge(study, storage, n_trials)
+    with tempfile.TemporaryDirectory(prefix="melvae-workers-") as folder:
+        path = workers_.write_job(job, Path(folder))
+        code = workers_.run_workers(
+            path, workers=plan.workers, threads=plan.threads, first_index=first
+        )
+    if code in (130, 143):
+        workers_.withdraw(study, storage, n_trials)
+    return code
+
+
+def run_worker(job: Path, *, index: int, threads: int) -> None:
+    """One worker process of `start_workers`: run trials of the job's study with sampler index
+    `index` on `threads` torch threads until the study's budget is spent."""
+    work = workers_.read_job(job)
+    with _torch_threads(threads):
+        run_study(work.config, data=work.data, worker_index=index, summarise=False, **work.run)
+
+
+def _prepared(
+    data: DataLike, config: StudyConfig, *, label_key: str | None, name: str
+) -> PreparedData:
+    """read -> validate -> split -> preprocess, once, whatever form the data came in."""
+    if isinstance(data, PreparedData):
+        if data.batch_key != config.batch_key:
+            raise InputError(
+                f"the prepared data have batch_key {data.batch_key!r}, the study "
+                f"{config.batch_key!r}",
+                where="melvae.tune(data=PreparedData, batch_key=...)",
+                fix="prepare the data with the study's config (runner.prepare_data), or pass "
+                "the batch_key the data were prepared with",
+            )
+        return data
+    if isinstance(data, ad.AnnData):
+        dataset = Dataset(
+            name,
+            data,
+            label_key or config.label_key,
+            f"in-memory AnnData ({data.n_obs} cells x {data.n_vars} genes)",
+        )
+        return prepare_data(config, dataset=dataset)
+    return prepare_data(config, data_path=None if data is None else Path(data))
+
+
+def _check_count(value: object, name: str, other: str) -> None:
+    """InputError unless `value` is None or a whole number >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(
+            f"{name} = {value!r} is not a whole number >= 1",
+            where=f"melvae.tune({name}=...)",
+            fix=f"give {name} a positive integer, or {other}",
+        )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch uses `threads` CPU threads inside the block; the caller's setting is restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def study_config(study: StudyLike = None) -> StudyConfig:

@@ -37,7 +37,7 @@ def test_a_kill_while_swapping_puts_the_previous_analysis_back(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert _write(tmp_path, "first") == 0
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["files"] == ["report.html"]
-    assert _write(tmp_path, "second", stop_at="analysis-swapping") == -signal.SIGKILL
+    assert _write(tmp_path, "second", stop_at="folder-swapping") == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
     assert len(list(tmp_path.glob(".out.retired-*"))) == 1
 

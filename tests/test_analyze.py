@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from melvae.analyze.__main__ import main
+from melvae.analyze.pipeline import default_cells
 from melvae.data.datasets import load_dataset
+from melvae.register import load_model
 from melvae.study.config import load_study_config
 from melvae.study.runner import run_study
 from tests.test_study import _offline, _quick_config
@@ -115,3 +117,29 @@ def test_reactome_from_the_shared_gmt(champion, shared_data, tmp_path):
     assert main(["--genesets", str(reactome), "kegg", "--out", str(out)]) == 0
     enrichment = pd.read_csv(out / "enrichment.tsv", sep="\t")
     assert set(enrichment["library"]) == {"reactome_human", "KEGG_2021_Human"}
+
+
+def test_the_split_comes_from_the_models_stored_origin_and_a_model_without_one_is_refused(
+    champion, tmp_path, capsys
+):
+    model = load_model("models:/melvae-pbmc68k_reduced@champion")
+    assert model.origin["dataset"] == "pbmc68k_reduced"
+    reference, query, key = default_cells(model, "champion")
+    assert (reference.n_obs, query.n_obs, key) == (490, 105, "cell_type")
+
+    # An origin naming another split seed gives other cells: the split is read, not rebuilt.
+    model.origin = {**model.origin, "split": {**model.origin["split"], "seed": 1}}
+    other, _, _ = default_cells(model, "champion")
+    assert set(other.obs_names) != set(reference.obs_names)
+
+    for origin, message in (
+        (None, "has no stored origin"),
+        ({**model.origin, "dataset": "toy"}, "'toy', which is not a dataset melvae can load"),
+    ):
+        model.origin = origin
+        folder = model.save(tmp_path / f"model-{origin is None}")
+        out = tmp_path / "out"
+        assert main([*KEGG, "--model", str(folder), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--reference and --query" in err
+        assert not out.exists()

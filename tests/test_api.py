@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import tomllib
 from pathlib import Path
 
 import anndata as ad
@@ -15,7 +17,13 @@ import pandas as pd
 import pytest
 
 import melvae
+from melvae.errors import InputError
 from melvae.model import MelVAE
+from melvae.study.__main__ import main as study_main
+from melvae.study.config import DEFAULT_STUDY
+from melvae.study.identity import stored_selection
+from melvae.study.selection import SelectionRule
+from melvae.track import PARENT_ROLE
 
 LOAD_AND_ENCODE = """
 import json, sys
@@ -84,8 +92,12 @@ def test_a_whole_study_runs_from_python_on_an_in_memory_anndata(tuned):
     assert result.registration.promoted
     # Stored, not guessed: the study keeps its objectives, rule and dataset; the model its origin.
     attrs = result.study.user_attrs
-    assert attrs["objectives"] == ["val_loss", "bio_score"]
-    assert attrs["selection"] == {"rule": "bio_within_loss", "loss_tolerance": 0.02}
+    assert stored_selection(result.study) == (
+        ("val_loss", "bio_score"),
+        SelectionRule("bio_within_loss", 0.02),
+    )
+    assert attrs["identity"]["objectives"] == ["val_loss", "bio_score"], "stored once, there"
+    assert "objectives" not in attrs and "selection" not in attrs
     assert attrs["dataset_key"] == "toy"
     origin = result.champion.origin
     assert origin["dataset"] == "toy" and origin["label_key"] == "cell_type"
@@ -135,3 +147,73 @@ def test_public_names_are_visible_to_dir_and_documented():
         assert "Examples" in getattr(melvae, name).__doc__ or name == "load_model"
     assert "activation : str, default 'relu'" in MelVAE.fit.__doc__
     assert "dropout : float, default 0.0" in MelVAE.fit.__doc__
+
+
+@pytest.mark.slow
+def test_tune_on_an_in_memory_anndata_runs_worker_processes(tmp_path, monkeypatch, capfd):
+    handoff = tmp_path / "tmp"
+    handoff.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(handoff))  # where the job file goes
+    monkeypatch.chdir(tmp_path)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    study = tomllib.loads(DEFAULT_STUDY.read_text()) | {"name": "dict-study"}
+    result = melvae.tune(
+        _cells(),  # the data and the study exist only in this process's memory: the workers
+        study,  # get them from the job file
+        label_key="cell_type",
+        n_trials=4,
+        epochs=2,
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        tracking_uri=tracking,
+        workers=2,
+        threads=1,
+        name="toy",
+        progress=False,
+    )
+    assert "melvae: 2 workers x 1 thread (--workers; --threads)" in capfd.readouterr().err
+    assert result.plan.workers == 2 and result.worker_exit_code == 0
+    assert result.study.study_name == "dict-study-toy"
+    assert (result.trials["state"] == "COMPLETE").sum() == 4
+    assert result.champion_trial.number in result.trials.index
+    assert result.comparison.index[0] == "champion"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("dict-study-toy")
+    runs = client.search_runs([experiment.experiment_id], f"tags.role = '{PARENT_ROLE}'")
+    pids = {run.data.tags["worker"].rsplit(":", 1)[1] for run in runs}
+    assert len(runs) == 3 and str(os.getpid()) in pids and len(pids) == 3, "2 workers + summary"
+    assert list(handoff.iterdir()) == [], "the job file is removed when the workers end"
+
+
+@pytest.mark.slow
+def test_best_reads_the_objectives_and_rule_the_study_stored_not_the_file_given(
+    tuned, tmp_path, capsys
+):
+    other = tmp_path / "other.toml"  # same name, another rule and one objective
+    text = DEFAULT_STUDY.read_text()
+    for old, new in (
+        ('metrics = ["val_loss", "bio_score"]', 'metrics = ["val_loss"]'),
+        ('rule = "bio_within_loss"', 'rule = "objective"'),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    other.write_text(text)
+    folder = tuned["folder"]
+    stores = ["--storage", f"sqlite:///{folder}/optuna.db", "--tracking-uri", tuned["tracking"]]
+    assert study_main(["best", "--study", str(other), "--dataset", "toy", *stores]) == 0
+    out = capsys.readouterr().out
+    assert f"champion trial {tuned['result'].champion_trial.number}" in out
+    assert "chosen by: highest bio_score on the Pareto front" in out
+    assert "bio_score = " in out
+
+
+@pytest.mark.parametrize("option", [{"workers": 0}, {"workers": "4"}, {"threads": True}])
+def test_a_bad_worker_or_thread_count_is_refused_before_anything_is_written(
+    option, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    name = next(iter(option))
+    with pytest.raises(InputError, match=rf"{name} = .* is not a whole number >= 1"):
+        melvae.tune(_cells(), storage=f"sqlite:///{tmp_path}/optuna.db", progress=False, **option)
+    assert list(tmp_path.iterdir()) == []

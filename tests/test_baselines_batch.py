@@ -16,6 +16,7 @@ import melvae
 from melvae.data.datasets import Dataset
 from melvae.errors import InputError
 from melvae.evaluate import BATCH_METRICS
+from melvae.study import scoring
 from melvae.study.baselines import (
     BatchCorrectedEmbedding,
     PCAEmbedding,
@@ -127,3 +128,11 @@ def test_a_study_with_a_batch_key_logs_batch_metrics_for_trials_and_baselines(tc
     for name in BATCH_METRICS:
         assert table[f"test_{name}"].notna().all()
         assert table[f"test_{name}"].drop(table.index[-1]).between(0, 1).all()
+
+
+def test_batches_follow_the_bounded_subsample_of_scored_cells(prepared, monkeypatch):
+    monkeypatch.setattr(scoring, "EVAL_MAX_CELLS", 60)
+    cells, _ = scoring.metric_cells(prepared, "train")
+    batches = scoring.metric_batches(prepared, "train")
+    assert cells.n_obs == 60 and batches.shape == (60,)
+    np.testing.assert_array_equal(batches, cells.obs["sample"].astype(str).to_numpy())

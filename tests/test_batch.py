@@ -35,7 +35,8 @@ def _donors(n: int = 300) -> np.ndarray:
 
 def test_batch_key_is_read_from_the_study_file_and_absent_by_default(tmp_path):
     assert load_study_config().batch_key is None
-    path = _quick_config(tmp_path, **{'fallback = "pbmc68k_reduced"': 'batch_key = "sample"'})
+    fallback = 'fallback = "pbmc68k_reduced"'
+    path = _quick_config(tmp_path, **{fallback: f'{fallback}\nbatch_key = "sample"'})
     assert load_study_config(path).batch_key == "sample"
 
 

@@ -140,7 +140,8 @@ def test_the_original_single_objective_study_stays_available(tmp_path):
 )
 def test_objective_and_selection_mistakes_are_named(tmp_path, old, new, message):
     path = tmp_path / "study.toml"
-    path.write_text(DEFAULT_STUDY.read_text().replace(old, new))
+    # The first occurrence: `metrics = [...` is also the end of `batch_metrics = [...`.
+    path.write_text(DEFAULT_STUDY.read_text().replace(old, new, 1))
     with pytest.raises(InputError) as error:
         load_study_config(path)
     assert message in str(error.value)

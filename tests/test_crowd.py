@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -11,12 +14,15 @@ from tests.test_study import _offline
 from tests.workers import QUICK, STUDY, client_for, output, runs_by_status, start_worker
 
 
-def test_each_worker_gets_its_index_and_its_share_of_the_cores():
-    argv = ["run", "--workers=3", "--n-trials", "9", "--threads", "8", "--epochs", "2"]
-    assert worker_argv(argv, index=4, threads=1) == [
+def test_each_worker_gets_the_job_its_index_and_its_share_of_the_cores():
+    argv = worker_argv(Path("/tmp/melvae-workers-x/job.pickle"), index=4, threads=1)
+    assert argv == [
+        sys.executable,
+        "-m",
+        "melvae.study",
         "run",
-        "--epochs",
-        "2",
+        "--job",
+        "/tmp/melvae-workers-x/job.pickle",
         "--worker-index",
         "4",
         "--threads",

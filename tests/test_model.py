@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -14,6 +18,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import melvae.model
 from melvae.errors import InputError
+from melvae.faultpoint import ENV as STOP_AT
 from melvae.model import MelVAE
 from melvae.preprocess import PreprocessConfig, split_cells
 from melvae.train import TrainConfig
@@ -126,6 +131,28 @@ def test_save_is_atomic_and_refuses_foreign_directories(
         model.save(foreign)
     with pytest.raises(InputError, match="cannot read a saved melvae model"):
         MelVAE.load(tmp_path / "nothing-here")
+
+
+SAVE_AGAIN = """
+import sys
+from melvae.model import MelVAE
+MelVAE.load(sys.argv[1]).save(sys.argv[1])
+"""
+
+
+def test_a_save_killed_mid_swap_loses_nothing_the_next_save_puts_it_back(
+    model: MelVAE, splits: dict[str, ad.AnnData], tmp_path: Path
+) -> None:
+    target = model.save(tmp_path / "model")
+    env = {**os.environ, STOP_AT: "folder-swapping", "PYTHONPATH": str(Path(__file__).parents[1])}
+    saving = subprocess.Popen([sys.executable, "-c", SAVE_AGAIN, str(target)], env=env)
+    assert saving.wait(timeout=120) == -signal.SIGKILL
+    assert not target.exists(), "killed between moving the old model aside and the new in"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [f".model.{kind}-{saving.pid}" for kind in ("retired", "staging")]
+    model.save(target)  # the old one put back first, then replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert np.array_equal(MelVAE.load(target).encode(splits["test"]), model.encode(splits["test"]))
 
 
 def test_encode_aligns_genes_by_name(

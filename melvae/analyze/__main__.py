@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=("knn", "logreg"), default="knn")
     parser.add_argument("--threshold", type=float, default=0.5, help="confidence to assign")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default mlruns/mlflow.db)")
+    parser.add_argument(
+        "--batch-key",
+        help="patient (batch) column of the reference: report how much of each latent "
+        "dimension is patient and how much cell type",
+    )
     return parser
 
 
@@ -62,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracking_uri=args.tracking_uri,
             method=args.method,
             threshold=args.threshold,
+            batch_key=args.batch_key,
         )
     except InputError as exc:
         print(f"melvae: error: {exc}", file=sys.stderr)

@@ -37,7 +37,8 @@ from melvae.analyze.interpret import (
 from melvae.analyze.output import check_destination, write_folder
 from melvae.analyze.report import render_report
 from melvae.analyze.transfer import UNASSIGNED, transfer_labels, transfer_metrics
-from melvae.data.datasets import load_dataset
+from melvae.analyze.variance import covariate_shares
+from melvae.data.datasets import CATALOGUE, load_dataset
 from melvae.data.validate import validate_expression, warn_outside_training_range
 from melvae.errors import InputError
 from melvae.faultpoint import stop_point
@@ -66,7 +67,6 @@ class ModelSource:
     version: str | None
     trial_run_id: str | None
     experiment_id: str | None
-    run_params: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -116,51 +116,47 @@ def resolve_source(uri: str) -> ModelSource:
     except MlflowException:
         version = None
     if version is None:
-        return ModelSource(uri, name, None, None, None, {})
+        return ModelSource(uri, name, None, None, None)
     run_id = version.tags.get("run_id") or version.run_id
     run = client.get_run(run_id) if run_id else None
-    parent_id = run.data.tags.get("mlflow.parentRunId") if run else None
-    # A trial run holds its own settings; what all trials share is on its parent `run`.
-    params = dict(client.get_run(parent_id).data.params) if parent_id else {}
-    params |= dict(run.data.params) if run else {}
     return ModelSource(
         uri=uri,
         name=name,
         version=str(version.version),
         trial_run_id=run_id,
         experiment_id=run.info.experiment_id if run else None,
-        run_params=params,
     )
 
 
-def default_cells(source: ModelSource) -> tuple[ad.AnnData, ad.AnnData, str | None]:
-    """The model's own data: its training split as reference, held-out cells as query.
+def default_cells(model: MelVAE, uri: str) -> tuple[ad.AnnData, ad.AnnData, str | None]:
+    """The model's own data, as its stored origin (`melvae.json`) names them: its training
+    split as reference, its held-out test split as query.
 
     For GSE115978 the query is the SciBet-style query set (immune + Neg.cell).
     """
-    params = source.run_params
-    key = params.get("dataset")
-    if not key:
+    origin = model.origin
+    if not origin:
         raise InputError(
-            f"cannot tell which dataset trained {source.uri}",
-            where="the model's MLflow run parameters",
-            fix="pass --reference and --query files",
+            f"the model {uri} does not say which data trained it (it has no stored origin: it "
+            "was saved by an older melvae, or by MelVAE.save outside a study)",
+            where=f"{uri}: melvae.json, key 'origin'",
+            fix="pass --reference and --query files, or analyse a model of a study run by "
+            "this melvae",
         )
-    label_key = params.get("label_key") or None
-    if label_key == "None":
-        label_key = None
+    key, label_key = origin["dataset"], origin["label_key"]
+    if key not in CATALOGUE:
+        raise InputError(
+            f"the model {uri} was trained on {key!r}, which is not a dataset melvae can load "
+            "again (an in-memory AnnData or a file)",
+            where=f"{uri}: melvae.json, origin.dataset",
+            fix=f"pass --reference and --query files, or use one of {', '.join(CATALOGUE)}",
+        )
     if key in _SCIBET_QUERY:
         return load_dataset(key).adata, load_dataset(_SCIBET_QUERY[key]).adata, label_key
     adata = load_dataset(key).adata
     if label_key is not None:
         adata = adata[adata.obs[label_key].notna()].copy()
-    splits = split_cells(
-        adata,
-        label_key,
-        val_fraction=float(params["preprocess.val_fraction"]),
-        test_fraction=float(params["preprocess.test_fraction"]),
-        seed=int(params["preprocess.seed"]),
-    )
+    splits = split_cells(adata, label_key, **origin["split"])
     return adata[splits["train"]].copy(), adata[splits["test"]].copy(), label_key
 
 
@@ -209,13 +205,16 @@ def analyze(
     threshold: float = 0.5,
     n_genes: int = 100,
     log_to_mlflow: bool = True,
+    batch_key: str | None = None,
 ) -> AnalysisResult:
     """Run the whole analysis; see the module docstring. Returns what it wrote.
 
     Everything that can be checked is checked before computing: the tracking URI, the output
     folder (`overwrite` replaces only a previous melvae analysis), the model, the cells. Only
     reads the tracking backend: without a database there a local model folder is analysed and
-    nothing is logged; a registered model is an error.
+    nothing is logged; a registered model is an error. `batch_key` names the reference's
+    patient (batch) column: the report then says how much of each latent dimension is patient
+    and how much cell type (`covariate_shares.tsv`), and the t-SNE is coloured by patient too.
     """
     resolved = track.resolve_tracking_uri(tracking_uri)
     check_tracking_uri(resolved)
@@ -236,11 +235,12 @@ def analyze(
         track.use_backend(tracking_uri)
     uri = model_uri or default_model_uri()
     model = load_model(uri, tracking_uri=tracking_uri)
-    source = resolve_source(uri) if has_backend else ModelSource(uri, None, None, None, None, {})
+    source = resolve_source(uri) if has_backend else ModelSource(uri, None, None, None, None)
     libraries = load_libraries(list(genesets))
-    ref_cells, query_cells, key = _cells(source, reference, query, label_key)
+    ref_cells, query_cells, key = _cells(model, uri, reference, query, label_key)
     for role, cells, path in (("reference", ref_cells, reference), ("query", query_cells, query)):
         check_cells(model, cells, source=str(path) if path else f"the model's own {role} cells")
+    patients = None if batch_key is None else _batches(ref_cells, batch_key)
 
     ref_latent = model.embed(ref_cells).obsm["X_melvae"]
     query_latent = model.embed(query_cells).obsm["X_melvae"]
@@ -282,14 +282,23 @@ def analyze(
     queries |= {f"{group}:markers": genes for group, genes in markers.items()}
     enrichment = enrich_table(queries, libraries, model.genes)
     ends = dimension_ends(ref_latent, ref_labels.to_numpy())
+    shares = None
+    if patients is not None:
+        shares = covariate_shares(
+            ref_latent, {"patient": patients, "cell type": ref_labels.to_numpy()}
+        )
 
-    figures = _figures(ref_cells, query_cells, key, transfer.classes, response, enrichment)
+    figures = _figures(
+        ref_cells, query_cells, key, transfer.classes, response, enrichment, batch_key
+    )
+    if shares is not None:
+        figures["covariate_shares.png"] = analysis_plots.variance_bars(shares)
     tables = {
         "transfer.tsv": transfer.table,
         "latent_genes.tsv": _latent_genes_table(response, correlation),
         "enrichment.tsv": enrichment,
         "dimension_ends.tsv": ends,
-    }
+    } | ({} if shares is None else {"covariate_shares.tsv": shares})
     summary = {
         "model": uri,
         "model_version": source.version,
@@ -308,6 +317,7 @@ def analyze(
         top_genes=tops,
         dimension_ends=ends,
         enrichment=enrichment,
+        covariates=shares,
     )
     write_folder(
         out,
@@ -327,11 +337,15 @@ def analyze(
 
 
 def _cells(
-    source: ModelSource, reference: Path | None, query: Path | None, label_key: str | None
+    model: MelVAE,
+    uri: str,
+    reference: Path | None,
+    query: Path | None,
+    label_key: str | None,
 ) -> tuple[ad.AnnData, ad.AnnData, str]:
     given_ref, given_query = _read_cells(reference), _read_cells(query)
     if given_ref is None or given_query is None:
-        default_ref, default_query, default_key = default_cells(source)
+        default_ref, default_query, default_key = default_cells(model, uri)
         given_ref = given_ref or (default_ref, default_key)
         given_query = given_query or (default_query, default_key)
     key = label_key or given_ref[1] or given_query[1]
@@ -342,6 +356,17 @@ def _cells(
             fix="pass --label-key naming the reference's cell-type column",
         )
     return given_ref[0].copy(), given_query[0].copy(), key
+
+
+def _batches(cells: ad.AnnData, batch_key: str) -> np.ndarray:
+    """The reference's batch (patient) column, which must exist."""
+    if batch_key not in cells.obs:
+        raise InputError(
+            f"the reference has no batch column {batch_key!r}",
+            where="reference cells (--batch-key)",
+            fix=f"pass --batch-key naming a column of {sorted(cells.obs.columns)[:8]}",
+        )
+    return cells.obs[batch_key].to_numpy()
 
 
 def _latent_genes_table(response: pd.DataFrame, correlation: pd.DataFrame) -> pd.DataFrame:
@@ -360,6 +385,7 @@ def _figures(
     classes: list[str],
     response: pd.DataFrame,
     enrichment: pd.DataFrame,
+    batch_key: str | None = None,
     max_tsne_cells: int = 3000,
 ) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
@@ -383,6 +409,7 @@ def _figures(
     coords = tsne_coordinates(latent)
     colour_by: dict[str, np.ndarray] = {
         "true label": both.obs[key].astype(str).to_numpy() if key in both.obs else None,
+        "patient": both.obs[batch_key].to_numpy() if batch_key in both.obs else None,
         "reference / query": both.obs["set"].astype(str).to_numpy(),
         "prediction (query)": both.obs[LABEL_COLUMN].to_numpy(),
     }

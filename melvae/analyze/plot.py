@@ -436,3 +436,29 @@ def _is_categorical(values: ArrayLike) -> bool:
     series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values))
     dtype = series.dtype
     return not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+
+
+def variance_bars(shares: pd.DataFrame) -> Figure:
+    """Grouped bars: for each latent dimension and the whole embedding (rows of
+    `melvae.analyze.variance.covariate_shares`), the share of variance each covariate (columns,
+    e.g. patient and cell type) explains on its own."""
+    if shares.empty:
+        raise InputError(
+            "the shares table is empty",
+            where="variance_bars(shares=...)",
+            fix="pass the output of covariate_shares",
+        )
+    n_rows, n_cols = shares.shape
+    width = 0.8 / n_cols
+    fig = Figure(figsize=(2.5 + 0.45 * n_rows * n_cols, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    colours = palette(n_cols)
+    for j, (name, values) in enumerate(shares.items()):
+        positions = np.arange(n_rows) + (j - (n_cols - 1) / 2) * width
+        ax.bar(positions, values.to_numpy(dtype=float), width, label=str(name), color=colours[j])
+    ax.set_xticks(np.arange(n_rows), list(map(str, shares.index)), rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("variance explained (R²)")
+    ax.set_title("Share of each latent dimension explained by each covariate", fontsize=10)
+    ax.legend(frameon=False)
+    return fig

@@ -63,6 +63,17 @@ def _top_genes_section(top_genes: Mapping[str, Mapping[str, list[str]]], n: int 
     return rows.to_html(border=0, classes="genes", escape=True)
 
 
+def _covariates_section(shares: pd.DataFrame | None) -> str:
+    if shares is None:
+        return ""
+    return f"""<h2>Patient and cell type in the latent space</h2>
+<p>Share of each dimension's variance (and of the whole embedding's) that each covariate explains
+on its own: the R² of a one-way ANOVA. A dimension high on the patient column carries the
+patient, not the cell state; the two overlap where patients differ in cell-type make-up. The
+t-SNE figure colours the cells by patient next to cell type.</p>
+{_table(shares)}"""
+
+
 def render_report(
     *,
     title: str,
@@ -73,8 +84,11 @@ def render_report(
     dimension_ends: pd.DataFrame,
     enrichment: pd.DataFrame,
     n_terms: int = 30,
+    covariates: pd.DataFrame | None = None,
 ) -> str:
-    """The analysis as one HTML page: summary, transfer, latent genes, enrichment, pictures."""
+    """The analysis as one HTML page: summary, transfer, latent genes, patient vs cell type
+    (`covariates`, from `melvae.analyze.variance.covariate_shares`; left out when None),
+    enrichment, pictures."""
     images = "".join(
         f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' "
         f"src='{figure_data_uri(figure)}'>"
@@ -96,6 +110,7 @@ def render_report(
 {_top_genes_section(top_genes)}
 <p>Cell-type composition at the low and high ends of each dimension:</p>
 {_table(dimension_ends)}
+{_covariates_section(covariates)}
 <h2>Pathway enrichment (leading {n_terms} terms by FDR)</h2>
 {_table(leading, index=False) if not leading.empty else "<p>No term was tested.</p>"}
 <h2>Figures</h2>

@@ -73,6 +73,27 @@ def batches(
         yield batch
 
 
+def coded_batches(
+    x: Matrix,
+    codes: np.ndarray | None,
+    batch_size: int,
+    *,
+    order: np.ndarray | None = None,
+    device: torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """`batches` of `x`, each paired with its cells' batch codes (`codes`: one int per row of
+    `x`, as int64 on `device`), or with None where there are no codes (no batch covariate)."""
+    cut = batches(x, batch_size, order=order, device=device)
+    if codes is None:
+        return ((xb, None) for xb in cut)
+    picked = codes if order is None else codes[order]
+    return zip(
+        cut,
+        torch.as_tensor(picked, dtype=torch.int64, device=device).split(batch_size),
+        strict=True,
+    )
+
+
 def row_chunks(
     x: Matrix, rows: np.ndarray | None = None, chunk_size: int = 65536
 ) -> Iterator[Matrix]:

@@ -248,7 +248,7 @@ def validate_batches(
                 known,
             )
         return None
-    where = f"{source}, obs column {batch_key!r}; the study's [data] batch_key (--batch-key)"
+    where = f"{source}, obs column {batch_key!r} named by batch_key"
     if batch_key not in adata.obs:
         hint = f" ({known!r} holds this dataset's batches)" if known in adata.obs else ""
         raise InputError(
@@ -286,3 +286,22 @@ def validate_batches(
             fix="give a column with at least two batches, or remove batch_key",
         )
     return batch_key
+
+
+def validate_split_batches(batches: dict[str, np.ndarray], *, source: str) -> None:
+    """Refuse a split whose validation or test cells belong to a batch without training cells:
+    a model conditioned on the batch learns only the batches it trains on.
+
+    `batches`: each split's cells' batch names, keyed "train", "val", "test".
+    """
+    trained = set(batches["train"])
+    for split, names in batches.items():
+        unseen = sorted(set(names) - trained)
+        if unseen:
+            raise InputError(
+                f"the {split} split holds cells of {len(unseen)} batch(es) with no cell in the "
+                f"training split: {', '.join(map(repr, unseen[:5]))}",
+                where=f"{source}, the study's split and its [data] batch_key",
+                fix="remove the cells of such small batches, merge them with another batch, or "
+                "change [preprocess] seed for another split",
+            )

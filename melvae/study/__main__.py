@@ -4,7 +4,6 @@ prints."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import socket
 import subprocess
@@ -18,23 +17,19 @@ import optuna
 from melvae import track
 from melvae.device import DEVICES
 from melvae.errors import InputError
-from melvae.study import workers
 from melvae.study.config import DEFAULT_STUDY, StudyConfig, load_study_config
-from melvae.study.objective import PreparedData
 from melvae.study.progress import format_trials
 from melvae.study.recovery import stop_cleanly_on_sigterm
 from melvae.study.runner import (
     CHAMPION_TEST_ATTR,
     DEFAULT_STORAGE,
     best_complete_trial,
-    config_for_data,
     create_experiment,
     create_study,
     dataset_key,
     effective_config,
     prepare_data,
     promote_best,
-    run_study,
 )
 from melvae.study.storage import (
     HEARTBEAT_SECONDS,
@@ -43,7 +38,7 @@ from melvae.study.storage import (
     redact_url,
     sqlite_file_missing,
 )
-from melvae.tuning import TuneResult, tune
+from melvae.tuning import TuneResult, run_worker, tune
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
         "default): parallel single-thread trials for a small model, threads for a large one "
         "(printed)",
     )
-    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
+    # Set by `tune` for each worker process it starts: the job file and the sampler index.
+    run.add_argument("--job", type=Path, help=argparse.SUPPRESS)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument(
         "--heartbeat",
         type=_positive(int),
@@ -158,95 +155,26 @@ def _workers(text: str) -> int | str:
 
 def _run(args: argparse.Namespace) -> int:
     stop_cleanly_on_sigterm()
-    config = _with_batch_key(load_study_config(args.study), args.batch_key)
-    if args.worker_index is not None:  # one of the processes `run --workers N` starts
-        _set_threads(args.threads)
-        if args.device is not None:
-            train = dataclasses.replace(config.train, device=args.device)
-            config = dataclasses.replace(config, train=train)
-        run_study(
-            config,
-            storage=args.storage,
-            tracking_uri=args.tracking_uri,
-            timeout=args.timeout,
-            epochs_cap=args.epochs,
-            data_path=args.data,
-            progress=not args.quiet,
-            heartbeat=args.heartbeat,
-            worker_index=args.worker_index,
-            summarise=False,
-        )
+    if args.job is not None:  # one of the worker processes `tune` starts
+        run_worker(args.job, index=args.worker_index, threads=args.threads)
         return 0
-    check_storage_url(args.storage)
-    check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
-    data = prepare_data(config, data_path=args.data)
-    n_trials = args.n_trials or config.n_trials or workers.UNTIL_TIMEOUT
-    plan = _plan(args, config, data, n_trials)
-    print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
-    code, n_now, threads = 0, args.n_trials, plan.threads
-    if plan.workers > 1:
-        code = _run_workers(args, config, data, plan, n_trials)
-        if code in (130, 143):  # stopped: the workers queued their trials again for the next run
-            return code
-        if code != 0:
-            print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
-        # The summary (champion's test scores, baselines, registration) once, here.
-        n_now, threads = 0, workers.cores()
     result = tune(
-        data,  # prepared once, above: read, validated, split and announced once
-        config,
-        n_trials=n_now,
+        args.data,
+        load_study_config(args.study),
+        n_trials=args.n_trials,
         timeout=args.timeout,
         epochs=args.epochs,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
         device=args.device,
-        threads=threads,
+        threads=args.threads,
+        workers=args.workers,
+        batch_key=args.batch_key,
         progress=not args.quiet,
         heartbeat=args.heartbeat,
     )
-    summary = _summary(result)
+    summary, code = _summary(result), result.worker_exit_code
     return summary if code < 0 else summary or code
-
-
-def _run_workers(
-    args: argparse.Namespace, config: StudyConfig, data: PreparedData, plan: workers.Plan, n: int
-) -> int:
-    """Create the study, pledge `n` trials and claim the workers' sampler indices, start the
-    workers and wait; return the worst exit code (a stop takes the unrun pledge back)."""
-    study_config = config_for_data(config, data, announce=False)
-    study = create_study(study_config, data.dataset_key, args.storage, heartbeat=args.heartbeat)
-    first = workers.claim_workers(study, args.storage, plan.workers)
-    workers.pledge(study, args.storage, n)
-    code = workers.run_workers(
-        args.argv, workers=plan.workers, threads=plan.threads, first_index=first
-    )
-    if code in (130, 143):
-        workers.withdraw(study, args.storage, n)
-    return code
-
-
-def _plan(
-    args: argparse.Namespace, config: StudyConfig, data: PreparedData, n_trials: int
-) -> workers.Plan:
-    """`--workers auto` (`workers.choose` for this study's largest model) or `--workers N`."""
-    cores = workers.cores()
-    if args.workers == "auto":
-        weights = workers.gene_weights(config, len(data.preprocessor.genes))
-        plan = workers.choose(cores, n_trials, weights)
-    else:
-        count = min(args.workers, n_trials)
-        plan = workers.Plan(count, max(1, cores // count), "--workers")
-    if args.threads is not None:
-        plan = dataclasses.replace(plan, threads=args.threads, reason=f"{plan.reason}; --threads")
-    return plan
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
 
 
 def _summary(result: TuneResult) -> int:
@@ -279,7 +207,7 @@ def _summary(result: TuneResult) -> int:
 
 def _with_batch_key(config: StudyConfig, batch_key: str | None) -> StudyConfig:
     """The study with `--batch-key` (when given) as its `[data] batch_key`."""
-    return config if batch_key is None else dataclasses.replace(config, batch_key=batch_key)
+    return config if batch_key is None else config.with_batch_key(batch_key)
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from melvae.errors import InputError
 from melvae.likelihoods import LIKELIHOODS, check_pair
 from melvae.params import PARAMS
 from melvae.preprocess import PreprocessConfig
-from melvae.study.selection import RULES, SelectionRule
+from melvae.study.selection import RULE_OBJECTIVES, RULES, SelectionRule
 from melvae.train import TrainConfig
 
 # Inside the package, so an installed wheel finds it (the top-level studies/ holds examples).
@@ -31,7 +31,11 @@ OBJECTIVE_METRICS = {
     "nmi": "maximize",
     "recon_corr": "maximize",
     "davies_bouldin": "minimize",
+    # With a batch key only: batch mixing (scib-metrics' aggregate) and the overall score.
+    "batch_score": "maximize",
+    "integration_score": "maximize",
 }
+BATCH_OBJECTIVES = ("batch_score", "integration_score")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ class StudyConfig:
     selection: SelectionRule = field(default_factory=SelectionRule)
     # The obs column naming each cell's batch (patient, sample); None: no batch covariate.
     batch_key: str | None = None
+    # What replaces `objectives` and the selection rule when a batch key is set
+    # ([objective] batch_metrics, [selection] batch_rule); None: they stay.
+    batch_objectives: tuple[str, ...] | None = None
+    batch_rule: str | None = None
 
     @property
     def objective(self) -> str:
@@ -109,6 +117,17 @@ class StudyConfig:
         """The study's preprocessing with `transform` (a searched transform/likelihood pair's)."""
         p = self.preprocess
         return replace(p, transform=transform, scale=p.scale and transform == "log1p")
+
+    def with_batch_key(self, batch_key: str) -> StudyConfig:
+        """This study conditioned on the batch column `batch_key`, with the objectives and
+        selection rule it declares for a batch key (`batch_metrics`, `batch_rule`)."""
+        rule = self.batch_rule or self.selection.rule
+        return replace(
+            self,
+            batch_key=batch_key,
+            objectives=self.batch_objectives or self.objectives,
+            selection=replace(self.selection, rule=rule),
+        )
 
     def fit_only(self) -> StudyConfig:
         """This study without its label objectives: for data that have no cell-type labels."""
@@ -214,14 +233,16 @@ def study_config_from_dict(raw: dict[str, Any], path: Path | str = "<study dict>
             rule=selection.get("rule", str, "objective"),
             loss_tolerance=selection.get("loss_tolerance", (int, float), 0.02),
         ),
-        batch_key=data.get("batch_key", str, None),
+        batch_objectives=_objectives(objective, "batch_metrics"),
+        batch_rule=selection.get("batch_rule", str, None),
     )
+    batch_key = data.get("batch_key", str, None)
     for section in (data, model, budget, objective, selection):
         section.reject_unknown()
     reader.reject_unknown()
     _check_budget_and_ranges(config)
     _check_consistency(config)
-    return config
+    return config if batch_key is None else config.with_batch_key(batch_key)
 
 
 def _check_budget_and_ranges(config: StudyConfig) -> None:
@@ -250,8 +271,21 @@ def split_pair(pair: str) -> tuple[str, str]:
     return transform, likelihood
 
 
-def _objectives(section: _Section) -> tuple[str, ...]:
-    """`metric = "x"` (one objective) or `metrics = ["x", "y"]` (a Pareto front), not both."""
+def _objectives(section: _Section, batch_key: str | None = None) -> tuple[str, ...] | None:
+    """`metric = "x"` (one objective) or `metrics = ["x", "y"]` (a Pareto front), not both.
+
+    With `batch_key` (e.g. "batch_metrics"): that list, the objectives of the study with a
+    batch key, or None where it is not set.
+    """
+    if batch_key is not None:
+        several = section.get(batch_key, list, None)
+        if several is not None and (not several or len(set(several)) != len(several)):
+            raise InputError(
+                f"{batch_key} must be distinct and non-empty, got {several!r}",
+                where=section.where,
+                fix=f'e.g. {batch_key} = ["val_loss", "bio_score", "batch_score"]',
+            )
+        return None if several is None else tuple(several)
     single = section.get("metric", str, None)
     several = section.get("metrics", list, None)
     if single is not None and several is not None:
@@ -274,19 +308,31 @@ def _objectives(section: _Section) -> tuple[str, ...]:
 def _check_selection(config: StudyConfig) -> None:
     where = f"{config.path} [selection]"
     rule = config.selection
-    if rule.rule not in RULES:
-        raise InputError(
-            f"unknown selection rule {rule.rule!r}",
-            where=where,
-            fix=f"use one of {', '.join(RULES)}",
+    pairs = [("rule", rule.rule, "metrics", config.objectives)]
+    if config.batch_rule is not None or config.batch_objectives is not None:
+        batch_rule = config.batch_rule or rule.rule
+        pairs.append(
+            (
+                "batch_rule",
+                batch_rule,
+                "batch_metrics",
+                config.batch_objectives or config.objectives,
+            )
         )
-    if rule.rule == "bio_within_loss" and config.objectives[:2] != ("val_loss", "bio_score"):
-        raise InputError(
-            f'rule bio_within_loss needs metrics = ["val_loss", "bio_score"], '
-            f"got {list(config.objectives)}",
-            where=where,
-            fix='set [objective] metrics = ["val_loss", "bio_score"], or rule = "objective"',
-        )
+    for key, name, metrics_key, objectives in pairs:
+        if name not in RULES:
+            raise InputError(
+                f"unknown selection rule {key} = {name!r}",
+                where=where,
+                fix=f"use one of {', '.join(RULES)}",
+            )
+        needed = RULE_OBJECTIVES.get(name, ())
+        if objectives[: len(needed)] != needed:
+            raise InputError(
+                f"{key} {name} needs {metrics_key} = {list(needed)}, got {list(objectives)}",
+                where=where,
+                fix=f'set [objective] {metrics_key} = {list(needed)}, or {key} = "objective"',
+            )
     if not rule.loss_tolerance >= 0:
         raise InputError(
             f"loss_tolerance must be >= 0, got {rule.loss_tolerance}",
@@ -297,6 +343,18 @@ def _check_selection(config: StudyConfig) -> None:
 
 def _check_architecture(config: StudyConfig) -> None:
     where = str(config.path)
+    conditioning = {config.architecture["batch_conditioning"]} | {
+        c for p in config.search if p.name == "batch_conditioning" for c in p.choices
+    }
+    if conditioning != {"decoder"}:
+        raise InputError(
+            'a study\'s models condition the decoder only (batch_conditioning = "decoder"): '
+            "its registered model is served from gene columns alone, and a conditioned "
+            "encoder would need each cell's batch there",
+            where=f"{where} [model]/[search] batch_conditioning",
+            fix='remove batch_conditioning (or set it to "decoder"); MelVAE.fit takes '
+            '"encoder_decoder" for a model of your own',
+        )
     for pair in config.pairs():
         transform, likelihood = split_pair(pair)
         check_pair(
@@ -314,7 +372,7 @@ def _check_consistency(config: StudyConfig) -> None:
             where=f"{where} [model] likelihood",
             fix=f"use one of {', '.join(LIKELIHOODS)}",
         )
-    for name in config.objectives:
+    for name in config.objectives + (config.batch_objectives or ()):
         if name in OBJECTIVE_METRICS:
             continue
         raise InputError(

@@ -21,6 +21,7 @@ from melvae.register import log_trial_model
 from melvae.study.config import StudyConfig, split_pair
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
 from melvae.study.scoring import EVAL_MAX_CELLS, SplitScores
+from melvae.study.selection import integration_metrics
 from melvae.train import EpochCallback, NonFiniteLossError
 
 # The epoch budget a trial trained with (after `run --epochs`), so baselines can reuse it.
@@ -97,11 +98,13 @@ def fit_with_params(
         likelihood=likelihood,
         train=train_config,
         label_key=data.label_key,
+        batch_key=data.batch_key,
         on_epoch=on_epoch,
         progress=progress,
         origin={
             "dataset": data.dataset_key,
             "label_key": data.label_key,
+            "batch_key": data.batch_key,
             "split": {
                 "seed": config.preprocess.seed,
                 "val_fraction": config.preprocess.val_fraction,
@@ -157,6 +160,7 @@ class Objective:
             metrics["best_epoch"] = float(model.history.best_epoch)
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
             metrics |= scores.bio() | scores.batch("val")
+            metrics |= integration_metrics(metrics)
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), track.LOSS_FILE)
             track.log_figure(

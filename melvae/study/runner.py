@@ -16,7 +16,12 @@ import pandas as pd
 
 from melvae import track
 from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
-from melvae.data.validate import validate_batches, validate_expression, validate_labels
+from melvae.data.validate import (
+    validate_batches,
+    validate_expression,
+    validate_labels,
+    validate_split_batches,
+)
 from melvae.errors import InputError
 from melvae.evaluate import BATCH_METRICS, BIO_METRICS
 from melvae.model import MelVAE
@@ -24,8 +29,8 @@ from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study import workers
 from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
-from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
-from melvae.study.identity import check_identity
+from melvae.study.config import BATCH_OBJECTIVES, OBJECTIVE_METRICS, StudyConfig
+from melvae.study.identity import check_identity, stored_selection
 from melvae.study.objective import Objective, PreparedData, study_params
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
@@ -47,10 +52,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 _SEEDED_ATTR = "seed_trials_enqueued"
-# Stored when the study is created, read by `best`, `promote` and `analyze` rather than guessed:
-# the objectives and selection rule it optimises for, and the dataset it runs on.
-OBJECTIVES_ATTR = "objectives"
-SELECTION_ATTR = "selection"
+# Stored when the study is created, read by `best` and `promote` rather than guessed from its
+# name: the dataset it runs on (its objectives and selection rule: `identity.stored_selection`).
 DATASET_ATTR = "dataset_key"
 CHAMPION_TEST_ATTR = "champion_test_metrics"
 CHAMPION_ATTR = "champion"  # a study user attribute: the champion in one line
@@ -116,6 +119,9 @@ def prepare_data(
         preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
         batch_key=batch_key,
     )
+    if batch_key is not None:
+        split_names = ("train", "val", "test")
+        validate_split_batches({s: data.batches(s) for s in split_names}, source=source)
     check_data_fits(config, data)
     return data
 
@@ -189,9 +195,7 @@ def _create_study(
             searched = {name: value for name, value in params.items() if _is_searched(config, name)}
             study.enqueue_trial(searched, user_attrs={"seed_trial": True}, skip_if_exists=True)
         study.set_user_attr(_SEEDED_ATTR, True)
-    if OBJECTIVES_ATTR not in study.user_attrs:
-        study.set_user_attr(OBJECTIVES_ATTR, list(config.objectives))
-        study.set_user_attr(SELECTION_ATTR, dataclasses.asdict(config.selection))
+    if DATASET_ATTR not in study.user_attrs:
         study.set_user_attr(DATASET_ATTR, dataset_key)
     return study
 
@@ -376,6 +380,15 @@ def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) 
                 "skipped",
                 file=sys.stderr,
             )
+    needs_batches = [name for name in config.objectives if name in BATCH_OBJECTIVES]
+    if data.batch_key is None and needs_batches:
+        raise InputError(
+            f"objective(s) {', '.join(needs_batches)} measure batch mixing, and the study has "
+            "no batch key",
+            where=f"{config.path} [objective] / [data] batch_key",
+            fix="set [data] batch_key (or run --batch-key) to the column naming each cell's "
+            "patient or sample, or leave these objectives out",
+        )
     if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
         raise InputError(
             f"objective {config.objective!r} needs cell-type labels and the data has none",
@@ -494,10 +507,10 @@ def best_complete_trial(
 def effective_config(study: optuna.Study, config: StudyConfig) -> StudyConfig:
     """The study file as this study ran it: its stored objectives and selection rule (a study
     of unlabelled data selects on fit alone)."""
-    stored = study.user_attrs.get(OBJECTIVES_ATTR)
+    stored = stored_selection(study)
     if stored is not None:
-        selection = SelectionRule(**study.user_attrs[SELECTION_ATTR])
-        return dataclasses.replace(config, objectives=tuple(stored), selection=selection)
+        objectives, selection = stored
+        return dataclasses.replace(config, objectives=objectives, selection=selection)
     # A study created before these attributes were stored: inferred from its directions.
     if len(study.directions) != len(config.objectives) and config.objective == "val_loss":
         return config.fit_only()

@@ -6,6 +6,11 @@ has a Pareto front instead of a best trial; rule `bio_within_loss` picks from th
 trial with the highest bio_score among those whose validation loss is within `loss_tolerance`
 (relative) of the front's best loss: the best cell-type structure among models that fit the
 data (almost) as well as the best-fitting one.
+
+A study with a batch key can add batch mixing as a third objective (`batch_score`, scib-metrics'
+batch-correction aggregate); rule `integration_within_loss` then picks, among the front's trials
+within the same loss tolerance, the highest `integration_score` = 0.6 × bio_score + 0.4 ×
+batch_score (scib-metrics' overall score): cell-type structure first, patients mixed second.
 """
 
 from __future__ import annotations
@@ -16,7 +21,33 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
-RULES = ("objective", "bio_within_loss")
+RULES = ("objective", "bio_within_loss", "integration_within_loss")
+# scib-metrics' overall score: bio conservation and batch correction weighted 0.6 / 0.4.
+BIO_WEIGHT, BATCH_WEIGHT = 0.6, 0.4
+# The objectives each Pareto rule reads (a study's metrics must include them).
+RULE_OBJECTIVES = {
+    "bio_within_loss": ("val_loss", "bio_score"),
+    "integration_within_loss": ("val_loss", "bio_score", "batch_score"),
+}
+
+
+def integration_score(bio_score: float, batch_score: float) -> float:
+    """scib-metrics' overall score, 0.6 × bio_score + 0.4 × batch_score, in [0, 1].
+
+    Examples
+    --------
+    >>> round(integration_score(0.5, 1.0), 6)
+    0.7
+    """
+    return BIO_WEIGHT * bio_score + BATCH_WEIGHT * batch_score
+
+
+def integration_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """`{"integration_score": ...}` where `metrics` hold both bio_score and batch_score (a
+    study with a batch key), else nothing."""
+    if "bio_score" not in metrics or "batch_score" not in metrics:
+        return {}
+    return {"integration_score": integration_score(metrics["bio_score"], metrics["batch_score"])}
 
 
 @dataclass(frozen=True)
@@ -28,16 +59,24 @@ class SelectionRule:
 
     def describe(self, objectives: Sequence[str] = ("val_loss",)) -> str:
         """One line for `best`, the run summary and the registry tag."""
+        within = (
+            "on the Pareto front among trials whose val_loss is within "
+            f"{self.loss_tolerance:.1%} of the front's lowest val_loss"
+        )
         if self.rule == "bio_within_loss":
+            return f"highest bio_score {within}"
+        if self.rule == "integration_within_loss":
             return (
-                "highest bio_score on the Pareto front among trials whose val_loss is within "
-                f"{self.loss_tolerance:.1%} of the front's lowest val_loss"
+                f"highest integration_score = {BIO_WEIGHT} x bio_score + {BATCH_WEIGHT} x "
+                f"batch_score (scib's overall score) {within}"
             )
         return f"best {objectives[0]}"
 
     def ranked_metric(self, objectives: Sequence[str]) -> str:
         """The metric the champion is ranked by (what the registry compares across runs)."""
-        return "bio_score" if self.rule == "bio_within_loss" else objectives[0]
+        return {"bio_within_loss": "bio_score", "integration_within_loss": "integration_score"}.get(
+            self.rule, objectives[0]
+        )
 
 
 def _better_or_equal(a: float, b: float, direction: str) -> bool:
@@ -77,6 +116,11 @@ def select_champion(
     best_loss = min(t.values[loss] for t in front)
     limit = best_loss + rule.loss_tolerance * abs(best_loss)
     within = [t for t in front if t.values[loss] <= limit]
+    if rule.rule == "integration_within_loss":
+        batch = objectives.index("batch_score")
+        return max(
+            within, key=lambda t: (integration_score(t.values[bio], t.values[batch]), -t.number)
+        )
     return max(within, key=lambda t: (t.values[bio], -t.number))
 
 

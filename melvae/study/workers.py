@@ -11,19 +11,27 @@ trial budget, and `run --workers N` (N worker processes on this machine).
 - **The budget**: `run --n-trials N` pledges N trials to the study (`pledge`); every worker runs
   trials until the study has as many as pledged in all (`optimize_within_budget`), so the trials a
   killed worker did not run are run by the others, and the count never overshoots.
+- **The workers** (`run_workers`, started by `melvae.tune(..., workers=N)` and so by `run
+  --workers N`): processes `python -m melvae.study run --job FILE`; the caller prepares the data
+  once and writes them with the study into one job file (`write_job`) that every worker reads,
+  so an AnnData in a notebook's memory or a study given as a dict reach them too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
+import site
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -31,10 +39,9 @@ import numpy as np
 import optuna
 
 from melvae.study.config import StudyConfig
+from melvae.study.objective import PreparedData
 from melvae.study.storage import first_time_lock
 
-# Options the parent decides per worker; every other `run` option is passed on unchanged.
-_PER_WORKER = ("--workers", "--n-trials", "--threads", "--worker-index")
 # A model whose two gene-facing layers hold at least this many weights trains in one process
 # with all the threads: the original study's 17,994 genes x hidden 256 (9.2 M) gets ~1.4x from
 # a second thread, while 2,000 genes x 512 (2 M) and smaller gain nothing (bench/epoch_speed.py).
@@ -211,38 +218,63 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def worker_argv(run_argv: Sequence[str], *, index: int, threads: int) -> list[str]:
-    """One worker's `run` arguments: the parent's, with its worker index and thread count."""
-    kept: list[str] = []
-    skip_value = False
-    for arg in run_argv:
-        if skip_value:
-            skip_value = False
-        elif arg in _PER_WORKER:
-            skip_value = True
-        elif not arg.startswith(tuple(f"{option}=" for option in _PER_WORKER)):
-            kept.append(arg)
-    return [*kept, "--worker-index", str(index), "--threads", str(threads)]
+@dataclass(frozen=True)
+class Job:
+    """What every worker of one run shares: the study as it runs, its prepared data (split and
+    preprocessed once, by the caller) and the run's settings (keyword arguments of
+    `melvae.study.runner.run_study`: storage, tracking_uri, timeout, epochs_cap, progress,
+    heartbeat).
+
+    Workers are processes: they get it as a file (`write_job`), so data that exist only in the
+    caller's memory (an AnnData in a notebook, a study given as a dict) reach them unchanged.
+    """
+
+    config: StudyConfig
+    data: PreparedData
+    run: dict[str, Any]
 
 
-def run_workers(run_argv: Sequence[str], *, workers: int, threads: int, first_index: int) -> int:
-    """Start the workers (`python -m melvae.study run ...` each), wait, return the worst exit code.
+def write_job(job: Job, folder: Path) -> Path:
+    """Write `job` into `folder` atomically (a worker never reads half a file); return its path.
+
+    `folder` is the caller's private temporary folder (`tempfile.TemporaryDirectory`), removed
+    when the workers have ended.
+    """
+    path = folder / "job.pickle"
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as out:
+        pickle.dump(job, out, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(partial, path)
+    return path
+
+
+def read_job(path: Path) -> Job:
+    """The job `write_job` wrote (this machine's own temporary file, written by the same code)."""
+    with Path(path).open("rb") as source:
+        return pickle.load(source)
+
+
+def worker_argv(job: Path, *, index: int, threads: int) -> list[str]:
+    """One worker's command line: `run` on the job file, with its worker index and threads."""
+    return [
+        sys.executable,
+        *("-m", "melvae.study", "run", "--job", str(job)),
+        *("--worker-index", str(index), "--threads", str(threads)),
+    ]
+
+
+def run_workers(job: Path, *, workers: int, threads: int, first_index: int) -> int:
+    """Start the workers (`python -m melvae.study run --job ...` each), wait, return the worst
+    exit code.
 
     The caller has pledged the study's budget and claimed worker indices `first_index` onwards;
     the workers share that budget (none pledges more) and leave the summary (baselines,
     registration) to the caller. Give each cores/N torch threads: N processes each using every
-    core would slow each other down many times over. SIGTERM to this process is passed on to
-    every worker.
+    core would slow each other down many times over. The workers import the same melvae as this
+    process; SIGTERM to this process (from its main thread) is passed on to every worker.
     """
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "melvae.study",
-                *worker_argv(run_argv, index=first_index + i, threads=threads),
-            ]
-        )
+        subprocess.Popen(worker_argv(job, index=first_index + i, threads=threads), env=_env())
         for i in range(workers)
     ]
 
@@ -250,7 +282,8 @@ def run_workers(run_argv: Sequence[str], *, workers: int, threads: int, first_in
         for process in processes:
             process.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if in_main_thread else None
     try:
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
@@ -259,6 +292,17 @@ def run_workers(run_argv: Sequence[str], *, workers: int, threads: int, first_in
             process.wait()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     failed = [code for code in codes if code != 0]
     return failed[0] if failed else 0
+
+
+def _env() -> dict[str, str]:
+    """The workers' environment: this one, with melvae's folder on PYTHONPATH unless it is an
+    installed package (a checkout or a notebook's `sys.path` entry must reach the workers too)."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root in {*site.getsitepackages(), site.getusersitepackages()}:
+        return dict(os.environ)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
