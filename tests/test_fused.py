@@ -87,9 +87,16 @@ def test_other_architectures_take_the_plain_path(architecture) -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-def test_a_decoder_that_reads_more_than_the_latent_code_takes_the_plain_path() -> None:
-    module = _module()
-    module.decoder[0] = torch.nn.Linear(3 + 2, 6).double()  # e.g. a one-hot batch appended
+def test_a_batch_conditioned_module_takes_the_plain_path_with_its_batch_codes() -> None:
+    torch.manual_seed(0)
+    module = VAEModule(11, 6, 3, n_batches=2).double()
+    assert plan_of(module) is None
+    x, batch = _x(), torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    got = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3), batch=batch)
+    want = module.autograd_loss(x, 0.7, generator=torch.Generator().manual_seed(3), batch=batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    module.decoder_batch = None  # without its batch columns it is the common architecture
+    module.decoder[0] = torch.nn.Linear(3 + 2, 6).double()  # but a decoder reading more than z
     assert plan_of(module) is None
 
 
