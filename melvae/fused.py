@@ -12,7 +12,8 @@ element-wise passes.
 They cover the original architecture and the default study's searched variants: 1-3 Linear
 (+ LayerNorm) + ReLU blocks each side, each optionally followed by dropout, and the Bernoulli
 likelihood. Anything else (another activation or likelihood, batch norm, a decoder that reads
-more than the latent code, extra parameters) has no `plan_of` and takes the plain autograd path.
+more than the latent code, extra parameters such as a batch-conditioned module's) has no
+`plan_of`, and `melvae.train` then takes `VAEModule.loss`, the plain autograd path.
 The same draws are made in the same order as the plain module's (encoder dropout, the noise,
 decoder dropout), so both give the same numbers within float rounding for a seed
 (`tests/test_fused.py` compares losses and gradients).

@@ -26,7 +26,6 @@ from torch import nn
 
 from melvae import params
 from melvae.errors import InputError
-from melvae.fused import plan_of, vae_loss
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
 from melvae.losses import sample_and_kl
@@ -175,24 +174,7 @@ class VAEModule(nn.Module):
 
         One reparameterised sample per cell, drawn from `generator` (the global RNG if None);
         `batch`: each cell's batch code (int64), for a conditioned module.
-        A module `melvae.fused` covers (ReLU blocks with or without layer norm and dropout, the
-        Bernoulli likelihood, no batch conditioning) computes it as one autograd node; the
-        numbers are `autograd_loss`'s within float rounding.
         """
-        plan = plan_of(self)  # None for a conditioned module: its batch columns are extra weights
-        if plan is not None:
-            return LossParts(*vae_loss(self, plan, x, kl_weight, generator))
-        return self.autograd_loss(x, kl_weight, generator=generator, batch=batch)
-
-    def autograd_loss(
-        self,
-        x: torch.Tensor,
-        kl_weight: float = 1.0,
-        *,
-        generator: torch.Generator | None = None,
-        batch: torch.Tensor | None = None,
-    ) -> LossParts:
-        """`loss` through the layers' own autograd nodes, for any architecture."""
         mu, logvar = self.encode(x, batch)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z, kl = sample_and_kl(mu, logvar, eps)

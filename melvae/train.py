@@ -212,10 +212,14 @@ def evaluate_loss(
     was_training = module.training
     module.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
+    plan = plan_of(module)  # the hand-written loss where it covers the module
     try:
         with torch.no_grad():
             for xb, bb in coded_batches(x, batch_codes, batch_size, device=device):
-                parts = module.loss(xb, kl_weight, generator=generator, batch=bb)
+                if plan is None:
+                    parts = module.loss(xb, kl_weight, generator=generator, batch=bb)
+                else:
+                    parts = vae_loss(module, plan, xb, kl_weight, generator)
                 totals += torch.stack(parts) * len(xb)
     finally:
         module.train(was_training)
