@@ -35,9 +35,9 @@ from melvae.study.config import (
     study_config_from_dict,
 )
 from melvae.study.objective import PreparedData
-from melvae.study.recovery import Terminated
 from melvae.study.runner import (
     DEFAULT_STORAGE,
+    StudyOutcome,
     config_for_data,
     create_study,
     prepare_data,
@@ -191,11 +191,11 @@ def tune(
         _check_count(workers, "workers", '"auto" to choose from the model size and cores')
     check_storage_url(storage)
     check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
+    workers_.remove_orphaned_job_folders(Path(tempfile.gettempdir()))  # of runs killed -9
     prepared = _prepared(data, config, label_key=label_key, name=name)
     budget = n_trials or config.n_trials or workers_.UNTIL_TIMEOUT
     plan = plan_workers(workers, config, prepared, budget, threads=threads)
     print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
-    code, n_now, threads_now = 0, n_trials, plan.threads
     run = {
         "storage": storage,
         "tracking_uri": tracking_uri,
@@ -204,16 +204,15 @@ def tune(
         "progress": progress,
         "heartbeat": heartbeat,
     }
+    code = 0
     if plan.workers > 1:
-        code = start_workers(workers_.Job(config, prepared, run), plan, budget)
-        if code in (130, 143):  # stopped: the workers queued their trials again for the next run
-            raise (Terminated() if code == 143 else KeyboardInterrupt())
+        job = workers_.Job(config, prepared, run)
+        outcome, code = start_workers(job, plan, budget, n_trials=n_trials)
         if code != 0:
             print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
-        # The summary (champion's test scores, baselines, registration) once, here.
-        n_now, threads_now = 0, workers_.cores()
-    with _torch_threads(threads_now):
-        outcome = run_study(config, n_trials=n_now, data=prepared, **run)
+    else:
+        with _torch_threads(plan.threads):
+            outcome = run_study(config, n_trials=n_trials, data=prepared, **run)
     return TuneResult(
         champion=outcome.champion,
         champion_trial=outcome.champion_trial,
@@ -258,28 +257,43 @@ def plan_workers(
     return plan
 
 
-def start_workers(job: workers_.Job, plan: workers_.Plan, n_trials: int) -> int:
-    """Create the study, pledge `n_trials` and claim the workers' sampler indices, start
-    `plan.workers` worker processes on `job` (written once to a private temporary file, removed
-    when they end) and wait; return the worst exit code (a stop takes the unrun pledge back)."""
+def start_workers(
+    job: workers_.Job, plan: workers_.Plan, budget: int, *, n_trials: int | None
+) -> tuple[StudyOutcome, int]:
+    """Run the study as worker 0 of `plan.workers`: create it, pledge `budget` and claim the
+    sampler indices, start `plan.workers - 1` worker processes on `job` (written once to a
+    private temporary folder, removed when they end), run this process's share of the trials on
+    the data it prepared, then the summary once the budget is spent; return the outcome and the
+    worst exit code of the processes. A stop (Ctrl-C, SIGTERM, passed on to the processes) takes
+    the unrun pledge back and raises once they have ended. `n_trials` (None: the study's) is
+    what the progress bar counts."""
     config = config_for_data(job.config, job.data, announce=False)
     storage = job.run["storage"]
     study = create_study(config, job.data.dataset_key, storage, heartbeat=job.run["heartbeat"])
     first = workers_.claim_workers(study, storage, plan.workers)
-    workers_.pledge(study, storage, n_trials)
-    with tempfile.TemporaryDirectory(prefix="melvae-workers-") as folder:
-        path = workers_.write_job(job, Path(folder))
-        code = workers_.run_workers(
-            path, workers=plan.workers, threads=plan.threads, first_index=first
-        )
-    if code in (130, 143):
-        workers_.withdraw(study, storage, n_trials)
-    return code
+    workers_.pledge(study, storage, budget)
+    try:
+        with workers_.job_folder() as folder:
+            path = workers_.write_job(job, folder)
+            others = plan.workers - 1
+            with (
+                workers_.crew(
+                    path, workers=others, threads=plan.threads, first_index=first + 1
+                ) as crew,
+                _torch_threads(plan.threads),
+            ):
+                outcome = run_study(
+                    job.config, n_trials=n_trials, data=job.data, worker_index=first, **job.run
+                )
+    except KeyboardInterrupt:  # the processes queued their trials again for the next run
+        workers_.withdraw(study, storage, budget)
+        raise
+    return outcome, crew.code
 
 
 def run_worker(job: Path, *, index: int, threads: int) -> None:
-    """One worker process of `start_workers`: run trials of the job's study with sampler index
-    `index` on `threads` torch threads until the study's budget is spent."""
+    """One worker process started by `start_workers`: run trials of the job's study with sampler
+    index `index` on `threads` torch threads until the study's budget is spent."""
     work = workers_.read_job(job)
     with _torch_threads(threads):
         run_study(work.config, data=work.data, worker_index=index, summarise=False, **work.run)

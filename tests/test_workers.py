@@ -1,7 +1,14 @@
 """How `run` spends the cores, each worker's own sampler seed, and the study's shared budget:
-4 real workers on one fresh SQLite folder, one of them killed with SIGKILL mid-trial."""
+4 real workers on one fresh SQLite folder, one of them killed with SIGKILL mid-trial; the job
+folder a run killed with SIGKILL leaves, removed by the next."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -9,7 +16,16 @@ import pytest
 from melvae.study import workers
 from melvae.study.config import load_study_config
 from melvae.study.runner import _sampler
-from tests.workers import QUICK, STUDY, kill_worker_of, output, running_trial, start_worker
+from tests.workers import (
+    QUICK,
+    STUDY,
+    kill_worker_of,
+    output,
+    running_trial,
+    start_worker,
+    worker_env,
+    worker_pid_of,
+)
 
 State = optuna.trial.TrialState
 
@@ -79,8 +95,14 @@ def test_four_workers_share_one_budget_never_repeat_a_trial_and_survive_a_kill(t
         tmp_path, "--workers", "4", "--n-trials", str(requested), *QUICK, "--epochs", "2", name="w"
     )
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
-    number, run_id = running_trial(storage, exclude={0, 1, 2})
-    killed = kill_worker_of(run_id, f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    exclude = {0, 1, 2}
+    while True:  # a trial of a worker process, not of the parent (worker 0, which summarises)
+        number, run_id = running_trial(storage, exclude=exclude)
+        if worker_pid_of(run_id, tracking) != parent.pid:
+            break
+        exclude.add(number)
+    killed = kill_worker_of(run_id, tracking)
     assert parent.wait(timeout=600) == 0, output(tmp_path, "w")[-3000:]
     log = output(tmp_path, "w")
     assert "melvae: 4 workers x 1 thread" in log
@@ -105,3 +127,46 @@ def test_four_workers_share_one_budget_never_repeat_a_trial_and_survive_a_kill(t
         f"\n4 workers, {requested} trials, worker {killed} killed in trial {number}: "
         f"{len(finished)} finished, {len(sampled)} sampled, {len(set(sampled))} distinct"
     )
+
+
+@pytest.mark.slow
+def test_a_job_folder_left_by_a_run_killed_9_is_removed_by_the_next_run_a_live_ones_kept(
+    tmp_path,
+):
+    handoff = tmp_path / "tmp"  # the runs' temporary folder (TMPDIR)
+    handoff.mkdir()
+    live = handoff / f"{workers.JOB_PREFIX}live"  # another run's, still running (this process)
+    live.mkdir()
+    (live / workers.OWNER_FILE).write_text(str(os.getpid()))
+    env = worker_env(tmp_path) | {"TMPDIR": str(handoff)}
+    argv = [sys.executable, "-m", "melvae.study", "run", "--workers", "2", "--n-trials", "4"]
+    with (tmp_path / "killed.log").open("w") as log:
+        killed = subprocess.Popen(
+            [*argv, *QUICK, "--epochs", "50"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill reaches its worker too
+        )
+    deadline = time.monotonic() + 300
+    while not [f for f in handoff.glob(f"{workers.JOB_PREFIX}*") if (f / "job.pickle").exists()]:
+        assert killed.poll() is None and time.monotonic() < deadline, output(tmp_path, "killed")
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    left = [f for f in handoff.glob(f"{workers.JOB_PREFIX}*") if f != live]
+    assert len(left) == 1 and (left[0] / workers.OWNER_FILE).read_text() == str(killed.pid)
+
+    nxt = tmp_path / "next"  # a fresh study folder, the same TMPDIR
+    nxt.mkdir()
+    done = subprocess.run(
+        [*argv[:4], "--workers", "1", "--n-trials", "1", *QUICK],
+        cwd=nxt,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(handoff.iterdir()) == [live], "the dead run's folder is gone, the live one's kept"

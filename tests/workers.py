@@ -86,11 +86,16 @@ def client_for(uri: str) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def kill_worker_of(run_id: str, tracking_uri: str, signum: int = signal.SIGKILL) -> int:
-    """Signal the worker process that runs this trial run (its parent run's `worker` tag)."""
+def worker_pid_of(run_id: str, tracking_uri: str) -> int:
+    """The pid of the worker process that runs this trial run (its parent run's `worker` tag)."""
     client = client_for(tracking_uri)
     parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
-    pid = int(parent.data.tags["worker"].rsplit(":", 1)[1])
+    return int(parent.data.tags["worker"].rsplit(":", 1)[1])
+
+
+def kill_worker_of(run_id: str, tracking_uri: str, signum: int = signal.SIGKILL) -> int:
+    """Signal the worker process that runs this trial run; return its pid."""
+    pid = worker_pid_of(run_id, tracking_uri)
     os.kill(pid, signum)
     return pid
 

@@ -11,10 +11,11 @@ trial budget, and `run --workers N` (N worker processes on this machine).
 - **The budget**: `run --n-trials N` pledges N trials to the study (`pledge`); every worker runs
   trials until the study has as many as pledged in all (`optimize_within_budget`), so the trials a
   killed worker did not run are run by the others, and the count never overshoots.
-- **The workers** (`run_workers`, started by `melvae.tune(..., workers=N)` and so by `run
-  --workers N`): processes `python -m melvae.study run --job FILE`; the caller prepares the data
-  once and writes them with the study into one job file (`write_job`) that every worker reads,
-  so an AnnData in a notebook's memory or a study given as a dict reach them too.
+- **The workers** (`crew`, started by `melvae.tune(..., workers=N)` and so by `run --workers
+  N`): the caller is worker 0 and runs its share of the trials in-process, on the data it
+  prepared, while N - 1 processes `python -m melvae.study run --job FILE` run the rest; they
+  read the data and the study from one job file (`write_job`), so an AnnData in a notebook's
+  memory or a study given as a dict reach them too.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import signal
 import site
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -40,6 +43,7 @@ import optuna
 
 from melvae.study.config import StudyConfig
 from melvae.study.objective import PreparedData
+from melvae.study.recovery import Terminated
 from melvae.study.storage import first_time_lock
 
 # A model whose two gene-facing layers hold at least this many weights trains in one process
@@ -54,6 +58,9 @@ WORKERS_ATTR = "sampler_workers"
 BUDGET_ATTR = "trial_budget"
 # The pledge of a run given a timeout and no trial count: only the timeout ends it.
 UNTIL_TIMEOUT = 2**31 - 1
+# A run's private folder for its job file, and the file in it naming the run's process.
+JOB_PREFIX = "melvae-workers-"
+OWNER_FILE = "owner.pid"
 _State = optuna.trial.TrialState
 _COUNTED = (_State.COMPLETE, _State.PRUNED, _State.RUNNING)
 
@@ -237,8 +244,8 @@ class Job:
 def write_job(job: Job, folder: Path) -> Path:
     """Write `job` into `folder` atomically (a worker never reads half a file); return its path.
 
-    `folder` is the caller's private temporary folder (`tempfile.TemporaryDirectory`), removed
-    when the workers have ended.
+    `folder` is the caller's private temporary folder (`job_folder`), removed when the workers
+    have ended.
     """
     path = folder / "job.pickle"
     partial = path.with_suffix(".partial")
@@ -254,6 +261,45 @@ def read_job(path: Path) -> Job:
         return pickle.load(source)
 
 
+@contextlib.contextmanager
+def job_folder() -> Iterator[Path]:
+    """A private temporary folder for one run's job file, named `melvae-workers-*` and holding
+    the owner's pid (`OWNER_FILE`); removed on the way out. A run killed with SIGKILL cannot
+    remove its own: `melvae.tune` removes those of dead owners (`remove_orphaned_job_folders`)
+    when it starts."""
+    with tempfile.TemporaryDirectory(prefix=JOB_PREFIX) as folder:
+        (Path(folder) / OWNER_FILE).write_text(str(os.getpid()))
+        yield Path(folder)
+
+
+def remove_orphaned_job_folders(root: Path) -> list[Path]:
+    """Remove the `melvae-workers-*` folders in `root` whose owner process (`OWNER_FILE`) is
+    dead; return them. A live owner's folder, one of another user's process, and one without an
+    owner file yet (being created) are left alone."""
+    removed = []
+    for folder in root.glob(f"{JOB_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def worker_argv(job: Path, *, index: int, threads: int) -> list[str]:
     """One worker's command line: `run` on the job file, with its worker index and threads."""
     return [
@@ -263,39 +309,57 @@ def worker_argv(job: Path, *, index: int, threads: int) -> list[str]:
     ]
 
 
-def run_workers(job: Path, *, workers: int, threads: int, first_index: int) -> int:
-    """Start the workers (`python -m melvae.study run --job ...` each), wait, return the worst
-    exit code.
+@dataclass
+class Crew:
+    """The worker processes of one run; `code` is their worst exit code once they have ended
+    (0: all ended well, or none were started; negative: killed by that signal)."""
 
-    The caller has pledged the study's budget and claimed worker indices `first_index` onwards;
-    the workers share that budget (none pledges more) and leave the summary (baselines,
-    registration) to the caller. Give each cores/N torch threads: N processes each using every
-    core would slow each other down many times over. The workers import the same melvae as this
-    process; SIGTERM to this process (from its main thread) is passed on to every worker.
+    processes: list[subprocess.Popen]
+    code: int = 0
+
+
+@contextlib.contextmanager
+def crew(job: Path, *, workers: int, threads: int, first_index: int) -> Iterator[Crew]:
+    """Start `workers` worker processes (`python -m melvae.study run --job ...` each, sampler
+    indices `first_index` onwards) while the block runs (the caller's own share of the trials);
+    on the way out wait for them and set `Crew.code`.
+
+    The caller has pledged the study's budget and claimed the indices; the workers share that
+    budget (none pledges more) and leave the summary (baselines, registration) to the caller.
+    Give each cores/N torch threads: N processes each using every core would slow each other
+    down many times over. The workers import the same melvae as this process. SIGTERM to this
+    process (from its main thread) is passed on to every worker, then to this process's own
+    handler (`recovery.stop_cleanly_on_sigterm`; without one, its trial is stopped the same way).
     """
     processes = [
         subprocess.Popen(worker_argv(job, index=first_index + i, threads=threads), env=_env())
         for i in range(workers)
     ]
+    started = Crew(processes)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for process in processes:
             process.send_signal(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # stop this process's trial too, as `run` does
+            raise Terminated()
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, forward) if in_main_thread else None
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, forward)
     try:
-        codes = [process.wait() for process in processes]
-    except KeyboardInterrupt:
-        # Ctrl-C reached every worker too: let them end their runs KILLED before returning.
-        for process in processes:
-            process.wait()
-        raise
+        yield started
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    failed = [code for code in codes if code != 0]
-    return failed[0] if failed else 0
+        # Stopped (Ctrl-C reached every worker too), crashed or done: let them end their runs.
+        try:
+            codes = [process.wait() for process in processes]
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        failed = [code for code in codes if code != 0]
+        started.code = failed[0] if failed else 0
 
 
 def _env() -> dict[str, str]:
