@@ -150,7 +150,7 @@ def test_public_names_are_visible_to_dir_and_documented():
 
 
 @pytest.mark.slow
-def test_tune_on_an_in_memory_anndata_is_worker_0_of_its_worker_processes(tmp_path, monkeypatch, capfd):
+def test_tune_on_an_in_memory_anndata_is_worker_0_of_its_processes(tmp_path, monkeypatch, capfd):
     handoff = tmp_path / "tmp"
     handoff.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(handoff))  # where the job file goes
