@@ -64,8 +64,7 @@ def test_variance_explained_refuses_bad_input():
         variance_explained(np.zeros((4, 2)), ["a", "b", "a"])
 
 
-@pytest.fixture
-def tcells_model(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+def _tcells_model(shared_data: Path, tmp_path: Path, batch_key: str | None) -> tuple[Path, Path]:
     """A small model of the real T cells saved in a folder, and reference and query cells as
     files (few cells and dimensions: enrichment runs once per dimension)."""
     cells = ad.read_h5ad(shared_data / "sadefeldman2018_gse120575_tcells_subset.h5ad")
@@ -77,6 +76,7 @@ def tcells_model(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
         val,
         train=TrainConfig(epochs=3),
         label_key="cell_type",
+        batch_key=batch_key,
         latent_dim=3,
         progress=False,
     )
@@ -84,6 +84,11 @@ def tcells_model(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
     train[:200].write_h5ad(tmp_path / "reference.h5ad")
     val.write_h5ad(tmp_path / "query.h5ad")
     return folder, tmp_path
+
+
+@pytest.fixture
+def tcells_model(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    return _tcells_model(shared_data, tmp_path, None)
 
 
 @pytest.mark.slow
@@ -109,3 +114,22 @@ def test_the_report_says_how_much_is_patient_and_how_much_cell_type(tcells_model
         assert not (tmp_path / "bad").exists()
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_a_model_with_a_batch_key_reports_its_patients_unasked(shared_data, tmp_path):
+    folder, files = _tcells_model(shared_data, tmp_path, "sample")
+    out = tmp_path / "out"
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        args = ["--model", str(folder), "--reference", str(files / "reference.h5ad")]
+        args += ["--query", str(files / "query.h5ad"), "--label-key", "cell_type"]
+        assert main([*args, "--genesets", "kegg", "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    shares = pd.read_csv(out / "covariate_shares.tsv", sep="\t", index_col=0)
+    assert list(shares.columns) == ["patient", "cell type"]
+    # The decoder was probed with each cell decoded as its own patient.
+    genes = pd.read_csv(out / "latent_genes.tsv", sep="\t", index_col=0, header=[0, 1])
+    assert np.isfinite(genes.to_numpy()).all()

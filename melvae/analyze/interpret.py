@@ -42,6 +42,8 @@ def decoder_response(
     cells: a finite-difference Jacobian of the decoder mean, in the model's transformed
     expression units. Averaging over real cells keeps the probe where the data lie; `shift`
     around 1 matches the prior's unit scale. Positive values mean the gene rises with d.
+    A model with a batch covariate decodes each cell as its own batch (`obs[batch_key]`);
+    cells of batches the model never saw are left out.
     """
     if not shift > 0:
         raise InputError(
@@ -58,18 +60,44 @@ def decoder_response(
             fix="pass the reference cells (or any cells the model was trained on)",
         )
     total = np.zeros((len(model.genes), n_dims))
-    for start in range(0, n_cells, batch_size):
-        mu = latent[start : start + batch_size]
-        for d in range(n_dims):
-            step = np.zeros(n_dims, dtype=mu.dtype)
-            step[d] = shift
-            difference = model.decode(mu + step) - model.decode(mu - step)
-            total[:, d] += difference.sum(axis=0, dtype=np.float64)
+    groups = _decoded_as(model, adata)
+    for batch, rows in groups:
+        for start in range(0, rows.size, batch_size):
+            mu = latent[rows[start : start + batch_size]]
+            for d in range(n_dims):
+                step = np.zeros(n_dims, dtype=mu.dtype)
+                step[d] = shift
+                up = model.decode(mu + step, transform_batch=batch)
+                difference = up - model.decode(mu - step, transform_batch=batch)
+                total[:, d] += difference.sum(axis=0, dtype=np.float64)
+    probed = sum(rows.size for _, rows in groups)
     return pd.DataFrame(
-        total / (2 * shift * n_cells),
+        total / (2 * shift * probed),
         index=pd.Index(model.genes, name="gene"),
         columns=dimension_names(n_dims),
     )
+
+
+def _decoded_as(model: MelVAE, adata: ad.AnnData) -> list[tuple[str | None, np.ndarray]]:
+    """(batch to decode as, rows of the cells of that batch): all cells as None for a model
+    without a batch covariate, else each known batch's cells."""
+    if model.batch_key is None:
+        return [(None, np.arange(adata.n_obs))]
+    if model.batch_key not in adata.obs:
+        raise InputError(
+            f"the cells have no obs column {model.batch_key!r}, the batch the model decodes by",
+            where="decoder_response(adata=...)",
+            fix=f"add obs[{model.batch_key!r}] to the reference cells",
+        )
+    names = adata.obs[model.batch_key].astype(str).to_numpy()
+    groups = [(b, np.flatnonzero(names == b)) for b in model.batch_names if (names == b).any()]
+    if not groups:
+        raise InputError(
+            "none of the cells comes from a batch the model was trained on",
+            where="decoder_response(adata=...)",
+            fix="probe the decoder with reference cells of the model's own batches",
+        )
+    return groups
 
 
 def latent_correlation(

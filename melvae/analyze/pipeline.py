@@ -213,8 +213,9 @@ def analyze(
     folder (`overwrite` replaces only a previous melvae analysis), the model, the cells. Only
     reads the tracking backend: without a database there a local model folder is analysed and
     nothing is logged; a registered model is an error. `batch_key` names the reference's
-    patient (batch) column: the report then says how much of each latent dimension is patient
-    and how much cell type (`covariate_shares.tsv`), and the t-SNE is coloured by patient too.
+    patient (batch) column (default: the model's own batch key, if it has one): the report then
+    says how much of each latent dimension is patient and how much cell type
+    (`covariate_shares.tsv`), and the t-SNE is coloured by patient too.
     """
     resolved = track.resolve_tracking_uri(tracking_uri)
     check_tracking_uri(resolved)
@@ -240,6 +241,7 @@ def analyze(
     ref_cells, query_cells, key = _cells(model, uri, reference, query, label_key)
     for role, cells, path in (("reference", ref_cells, reference), ("query", query_cells, query)):
         check_cells(model, cells, source=str(path) if path else f"the model's own {role} cells")
+    batch_key = batch_key or model.batch_key
     patients = None if batch_key is None else _batches(ref_cells, batch_key)
 
     ref_latent = model.embed(ref_cells).obsm["X_melvae"]
