@@ -43,7 +43,7 @@ import optuna
 
 from melvae.study.config import StudyConfig
 from melvae.study.objective import PreparedData
-from melvae.study.recovery import Terminated
+from melvae.study.recovery import Terminated, process_alive
 from melvae.study.storage import first_time_lock
 
 # A model whose two gene-facing layers hold at least this many weights trains in one process
@@ -282,22 +282,11 @@ def remove_orphaned_job_folders(root: Path) -> list[Path]:
             owner = int((folder / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if _alive(owner):
+        if process_alive(owner):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (a process of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_argv(job: Path, *, index: int, threads: int) -> list[str]:
