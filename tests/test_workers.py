@@ -170,3 +170,23 @@ def test_a_job_folder_left_by_a_run_killed_9_is_removed_by_the_next_run_a_live_o
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert list(handoff.iterdir()) == [live], "the dead run's folder is gone, the live one's kept"
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_run_with_workers_stops_worker_0_and_the_process_and_queues_their_trials(
+    tmp_path,
+):
+    run = start_worker(
+        tmp_path, "--workers", "2", "--n-trials", "6", *QUICK, "--epochs", "200", name="w"
+    )
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    first, _ = running_trial(storage)
+    running_trial(storage, exclude={first})  # both workers (this one, the process) in a trial
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143, output(tmp_path, "w")[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    assert State.RUNNING not in [t.state for t in study.trials]
+    stopped = {t.number for t in study.trials if t.state == State.FAIL}
+    queued = {t.user_attrs.get("requeued_from") for t in study.trials if t.state == State.WAITING}
+    assert len(stopped) == 2 and stopped <= queued, "both stopped trials queued for the next run"
+    assert study.user_attrs[workers.BUDGET_ATTR] == workers.counted(study.trials), "pledge back"
