@@ -61,17 +61,29 @@ def _require_finite(x: np.ndarray, *, what: str, where: str) -> None:
         )
 
 
-def _labelled(latent: ArrayLike, labels: ArrayLike, *, role: str) -> tuple[np.ndarray, np.ndarray]:
-    """Latent rows and string labels of the cells that have a label, after shape/finite checks."""
+def latent_and_groups(
+    latent: ArrayLike, groups: ArrayLike, *, what: str, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The latent as float64, the cells' group names (`clean_labels`) and which cells have one,
+    after checking there is one group value per latent row and the latent is finite.
+
+    `what` names the group values in the error ("batches", "group values"); `where` the caller.
+    """
     x = np.asarray(latent, dtype=np.float64)
-    names, present = clean_labels(labels)
+    names, present = clean_labels(groups)
     if x.ndim != 2 or x.shape[0] != names.shape[0]:
         raise InputError(
-            f"{role} latent has shape {x.shape} but {names.shape[0]} labels were given",
-            where=role,
-            fix="pass a cells × dimensions latent matrix and one label per cell, in the same order",
+            f"latent has shape {x.shape} but {names.shape[0]} {what} were given",
+            where=where,
+            fix=f"pass a cells × dimensions latent and one of the {what} per cell, in order",
         )
-    _require_finite(x, what=f"{role} latent", where=role)
+    _require_finite(x, what="latent", where=where)
+    return x, names, present
+
+
+def _labelled(latent: ArrayLike, labels: ArrayLike, *, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """Latent rows and string labels of the cells that have a label, after shape/finite checks."""
+    x, names, present = latent_and_groups(latent, labels, what="labels", where=f"{role} latent")
     return x[present], names[present]
 
 
@@ -303,15 +315,7 @@ def _with_batches(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Latent rows, batch names and (if given) labels of the cells that have a batch (and a
     label), after shape/finite checks; at least two batches must remain."""
-    x = np.asarray(latent, dtype=np.float64)
-    names, present = clean_labels(batches)
-    if x.ndim != 2 or x.shape[0] != names.shape[0]:
-        raise InputError(
-            f"latent has shape {x.shape} but {names.shape[0]} batches were given",
-            where="batch metrics",
-            fix="pass a cells × dimensions latent matrix and one batch per cell, in the same order",
-        )
-    _require_finite(x, what="latent", where="batch metrics")
+    x, names, present = latent_and_groups(latent, batches, what="batches", where="batch metrics")
     types = None
     if labels is not None:
         types, labelled = clean_labels(labels)

@@ -18,27 +18,16 @@ from numpy.typing import ArrayLike
 
 from melvae.analyze.interpret import dimension_names
 from melvae.errors import InputError
-from melvae.metrics import clean_labels
+from melvae.metrics import latent_and_groups
 
 WHOLE = "whole embedding"
 
 
 def _sums_of_squares(latent: ArrayLike, groups: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(between-group, total) sums of squares per dimension, over the cells with a group."""
-    x = np.asarray(latent, dtype=np.float64)
-    names, present = clean_labels(groups)
-    if x.ndim != 2 or x.shape[0] != names.shape[0]:
-        raise InputError(
-            f"latent has shape {x.shape} but {names.shape[0]} group values were given",
-            where="variance_explained",
-            fix="pass a cells × dimensions latent and one group (patient, cell type) per cell",
-        )
-    if not np.isfinite(x).all():
-        raise InputError(
-            "the latent contains NaN or infinite values",
-            where="variance_explained",
-            fix="encode the cells with a trained model",
-        )
+    x, names, present = latent_and_groups(
+        latent, groups, what="group values", where="variance_explained"
+    )
     x, names = x[present], names[present]
     if np.unique(names).size < 2:
         raise InputError(
