@@ -418,22 +418,22 @@ class MelVAE:
         """Write weights and JSON metadata to `directory` atomically; return the directory.
 
         Files are written to a temporary sibling directory that is renamed into place, so
-        `directory` never holds a half-written model. An existing saved model is replaced; any
-        other non-empty directory is refused.
+        `directory` never holds a half-written model. An existing saved model (its two files and
+        nothing else) is replaced; any other non-empty directory, including a model folder a user
+        added files to (the swap would delete them), is refused.
         """
         directory = Path(directory)
         recover(directory)  # a save killed mid-swap: the previous model is put back first
-        is_model = (directory / MODEL_FILE).is_file()
-        if (
-            directory.exists()
-            and not is_model
-            and (directory.is_file() or any(directory.iterdir()))
-        ):
-            raise InputError(
-                "refusing to overwrite a path that is not a saved melvae model",
-                where=str(directory),
-                fix="choose a new or empty directory",
-            )
+        if directory.is_file() or (directory.exists() and any(directory.iterdir())):
+            held = set() if directory.is_file() else {p.name for p in directory.iterdir()}
+            if MODEL_FILE not in held or not held <= {MODEL_FILE, WEIGHTS_FILE}:
+                foreign = sorted(held - {MODEL_FILE, WEIGHTS_FILE})
+                raise InputError(
+                    "refusing to overwrite a path that is not a saved melvae model"
+                    + (f" (it also holds {', '.join(foreign[:5])})" if foreign else ""),
+                    where=str(directory),
+                    fix="choose a new or empty directory, or move those files out first",
+                )
         with replacing(directory) as staging:
             # CPU tensors: the file reads the same on any machine, whatever device trained it.
             weights = {name: t.detach().cpu() for name, t in self.module.state_dict().items()}

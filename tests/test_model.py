@@ -132,6 +132,12 @@ def test_save_is_atomic_and_refuses_foreign_directories(
     with pytest.raises(InputError, match="cannot read a saved melvae model"):
         MelVAE.load(tmp_path / "nothing-here")
 
+    (target / "my-notes.txt").write_text("mine")  # a model folder a user added a file to
+    with pytest.raises(InputError, match=r"also holds my-notes\.txt"):
+        model.save(target)
+    assert (target / "my-notes.txt").read_text() == "mine"
+    assert (target / melvae.model.MODEL_FILE).read_bytes() == before
+
 
 SAVE_AGAIN = """
 import sys
