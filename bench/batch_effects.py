@@ -146,6 +146,12 @@ def champion(
         "n_trials": n_trials,
         "trials": len(result.study.trials),
         "champion_params": result.champion_trial.params,
+        # Every completed trial: its adversary weight and objective values (val_loss first).
+        "trials_values": [
+            [t.params.get("batch_adversary_weight", 0.0), *t.values]
+            for t in result.study.trials
+            if t.values is not None
+        ],
     }
     return result.champion, info
 
