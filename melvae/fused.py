@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from melvae.layers import arranged, input_gradient, linear_forward, weight_gradient
@@ -34,6 +33,8 @@ from melvae.likelihoods import Bernoulli
 # A layer with at most this many inputs (the latent code) takes its gradient's products
 # transposed; from 32 inputs (hidden 512, 128 cells) the plain products were as fast or faster.
 NARROW_INPUT = 16
+# Factors in (1, 2] multiplied before one logarithm is taken (`softplus_sum`).
+PRODUCT_RUN = 64
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,26 @@ class _Saved:
     decoder_states: list[_BlockState]
 
 
+def softplus_sum(logits: torch.Tensor) -> torch.Tensor:
+    """The sum of softplus(logits) = log(1 + exp(logits)) over all entries, with one logarithm
+    per `PRODUCT_RUN` entries.
+
+    softplus(l) = max(l, 0) + log(1 + exp(-|l|)), and the sum of the max is (sum l + sum |l|) / 2.
+    Each 1 + exp(-|l|) lies in (1, 2], so a product of `PRODUCT_RUN` of them lies in (1, 2**64]
+    (float32 holds up to 2**128) and the sum of their logarithms is the logarithm of the
+    products. `F.softplus(l).sum()` takes a logarithm and an exponential per entry: 217 us for
+    32 cells x 2,000 genes against 150 us (1 thread), the same sum within float rounding.
+    """
+    magnitude = logits.abs()
+    relu_sum = 0.5 * (logits.sum() + magnitude.sum())
+    factors = magnitude.neg_().exp_().add_(1).reshape(-1)
+    whole = factors.numel() // PRODUCT_RUN * PRODUCT_RUN
+    logs = factors[:whole].view(-1, PRODUCT_RUN).prod(dim=1).log_().sum()
+    if whole < factors.numel():
+        logs = logs + factors[whole:].log().sum()
+    return relu_sum + logs
+
+
 def _forward(
     x: torch.Tensor, plan: Plan, generator: torch.Generator | None, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor, _Saved]:
@@ -284,7 +305,7 @@ def _forward(
     decoded, decoder_states = _run_blocks(z, plan.decoder, training)
     logits = decoded[-1]
     # sum(x * logits) as one BLAS dot product: no cells x genes temporary.
-    recon = (F.softplus(logits).sum() - torch.dot(x.reshape(-1), logits.reshape(-1))) / n
+    recon = (softplus_sum(logits) - torch.dot(x.reshape(-1), logits.reshape(-1))) / n
     saved = _Saved(encoded, encoder_states, mu, eps, std, decoded, decoder_states)
     return recon, kl, saved
 
