@@ -338,7 +338,7 @@ def run_study(
                 storage,
                 requeue_when_stopped(objective),
                 timeout=timeout if timeout is not None else config.timeout,
-                poll_seconds=min(heartbeat, 5),
+                poll_seconds=min(heartbeat, workers.WAIT_SECONDS),
                 pledged=pledged,
                 catch=(NonFiniteLossError,),
                 callbacks=[show_progress],

@@ -58,6 +58,10 @@ WORKERS_ATTR = "sampler_workers"
 BUDGET_ATTR = "trial_budget"
 # The pledge of a run given a timeout and no trial count: only the timeout ends it.
 UNTIL_TIMEOUT = 2**31 - 1
+# How often a worker whose share is done looks whether the others' trials have ended. Worker 0
+# runs the summary (baselines, registration, report) only once they have: polling every 5 s
+# left it idle for up to 5 s whenever another worker's trial ended last. A poll is one query.
+WAIT_SECONDS = 0.5
 # A run's private folder for its job file, and the file in it naming the run's process.
 JOB_PREFIX = "melvae-workers-"
 OWNER_FILE = "owner.pid"
