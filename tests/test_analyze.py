@@ -11,8 +11,9 @@ import pytest
 
 from melvae.analyze.__main__ import main
 from melvae.analyze.pipeline import default_cells
-from melvae.data.datasets import load_dataset
+from melvae.data.datasets import file_record, load_dataset
 from melvae.register import load_model
+from melvae.study.__main__ import main as study_main
 from melvae.study.config import load_study_config
 from melvae.study.runner import run_study
 from tests.test_study import _offline, _quick_config
@@ -143,3 +144,35 @@ def test_the_split_comes_from_the_models_stored_origin_and_a_model_without_one_i
         err = capsys.readouterr().err
         assert message in err and "--reference and --query" in err
         assert not out.exists()
+
+
+def test_a_model_trained_on_a_file_finds_that_file_again_and_refuses_it_changed(
+    tmp_path, monkeypatch, capsys
+):
+    _offline(monkeypatch, tmp_path)
+    cells = tmp_path / "my cells.h5ad"
+    load_dataset("pbmc68k_reduced").adata[:400].write_h5ad(cells)
+    argv = ["run", "--data", str(cells), "--n-trials", "1", "--epochs", "2", "--quiet"]
+    assert study_main(argv) == 0
+    model_uri = "models:/melvae-my cells@champion"
+    model = load_model(model_uri)
+    assert model.origin["file"] == file_record(cells)
+
+    # No --reference / --query: the study's own split of the file it was trained on.
+    reference, query, key = default_cells(model, model_uri)
+    assert key == "cell_type" and reference.n_obs + query.n_obs < 400
+    assert set(reference.obs_names).isdisjoint(query.obs_names)
+    out = tmp_path / "out"
+    assert main([*KEGG, "--model", model_uri, "--out", str(out)]) == 0
+    assert len(pd.read_csv(out / "transfer.tsv", sep="\t")) == query.n_obs
+
+    # The same name, other cells: refused, not analysed as if they were the training data.
+    load_dataset("pbmc68k_reduced").adata[300:].write_h5ad(cells)
+    again = tmp_path / "again"
+    assert main([*KEGG, "--model", model_uri, "--out", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert "has changed since" in err and "--reference and --query" in err
+    cells.unlink()
+    assert main([*KEGG, "--model", model_uri, "--out", str(again)]) == 2
+    assert "is gone" in capsys.readouterr().err
+    assert not again.exists()

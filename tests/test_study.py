@@ -28,20 +28,12 @@ from melvae.errors import InputError
 from melvae.study.__main__ import main
 from melvae.study.config import DEFAULT_STUDY, load_study_config
 from melvae.study.runner import best_complete_trial, run_study
+from melvae.study.scoring import FINAL_METRICS
 from melvae.train import METRIC_NAMES, NonFiniteLossError
 from tests.conftest import process_group
 from tests.test_config import SEED_TRIALS
 
 EPOCH_METRICS = set(METRIC_NAMES)  # per-epoch losses and epoch timings
-FINAL_METRICS = {
-    "silhouette",
-    "davies_bouldin",
-    "knn_accuracy",
-    "knn_macro_f1",
-    "ari",
-    "nmi",
-    "recon_corr",
-}
 STUDY = "melanoma-vae-pbmc68k_reduced"
 
 
@@ -137,7 +129,7 @@ def test_every_trial_is_a_nested_mlflow_run_with_curves_metrics_and_plots(tracke
         assert [m.step for m in history] == [0, 1, 2]
         assert {
             col.removeprefix("metrics.") for col in run.index if pd.notna(run[col])
-        } >= EPOCH_METRICS | FINAL_METRICS | {"bio_score"}
+        } >= EPOCH_METRICS | set(FINAL_METRICS) | {"bio_score"}
         assert -1 <= run["metrics.silhouette"] <= 1
         assert 0 <= run["metrics.knn_accuracy"] <= 1
         assert run["params.hidden_dim"] in {"64", "128", "256", "512"}

@@ -38,7 +38,7 @@ from melvae.analyze.output import check_destination, write_folder
 from melvae.analyze.report import render_report
 from melvae.analyze.transfer import UNASSIGNED, transfer_labels, transfer_metrics
 from melvae.analyze.variance import covariate_shares
-from melvae.data.datasets import CATALOGUE, load_dataset
+from melvae.data.datasets import CATALOGUE, load_dataset, load_recorded_file
 from melvae.data.validate import validate_expression, warn_outside_training_range
 from melvae.errors import InputError
 from melvae.faultpoint import stop_point
@@ -144,16 +144,20 @@ def default_cells(model: MelVAE, uri: str) -> tuple[ad.AnnData, ad.AnnData, str 
             "this melvae",
         )
     key, label_key = origin["dataset"], origin["label_key"]
-    if key not in CATALOGUE:
+    if key in _SCIBET_QUERY:
+        return load_dataset(key).adata, load_dataset(_SCIBET_QUERY[key]).adata, label_key
+    if key in CATALOGUE:
+        adata = load_dataset(key).adata
+    elif origin.get("file"):
+        where, fix = f"{uri}: melvae.json, origin.file", "pass --reference and --query files"
+        adata = load_recorded_file(origin["file"], where=where, fix=fix).adata
+    else:
         raise InputError(
             f"the model {uri} was trained on {key!r}, which is not a dataset melvae can load "
-            "again (an in-memory AnnData or a file)",
+            "again (an in-memory AnnData, or a file the model does not name)",
             where=f"{uri}: melvae.json, origin.dataset",
             fix=f"pass --reference and --query files, or use one of {', '.join(CATALOGUE)}",
         )
-    if key in _SCIBET_QUERY:
-        return load_dataset(key).adata, load_dataset(_SCIBET_QUERY[key]).adata, label_key
-    adata = load_dataset(key).adata
     if label_key is not None:
         adata = adata[adata.obs[label_key].notna()].copy()
     splits = split_cells(adata, label_key, **origin["split"])

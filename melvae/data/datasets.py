@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 
-from melvae.data.download import atomic_path, cache_dir, fetch
+from melvae.data.download import atomic_path, cache_dir, fetch, file_digests
 from melvae.data.read import (
     read_csv_table,
     read_gse72056,
@@ -37,6 +37,8 @@ class Dataset:
     label_key: str | None
     description: str
     batch_key: str | None = None
+    # The file it was read from (resolved); None for a named dataset or an in-memory AnnData.
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,28 @@ def _load_file(path: Path) -> Dataset:
     else:
         adata = read_csv_table(path)
         label_key = "label"
-    return Dataset(key, adata, label_key, f"file {path}")
+    return Dataset(key, adata, label_key, f"file {path}", path=path.resolve())
+
+
+def file_record(path: Path) -> dict[str, str]:
+    """What a model keeps of the file that trained it, to find and check that file again:
+    its resolved path and sha256."""
+    return {"path": str(path.resolve()), "sha256": file_digests(path)["sha256"]}
+
+
+def load_recorded_file(record: dict[str, str], *, where: str, fix: str) -> Dataset:
+    """Read the file a `file_record` names, refusing one moved, deleted or changed since
+    (`where` and `fix` say where the record is and what the caller can do instead)."""
+    path = Path(record["path"])
+    if not path.is_file():
+        raise InputError(f"the file that trained the model, {path}, is gone", where=where, fix=fix)
+    if file_digests(path)["sha256"] != record["sha256"]:
+        raise InputError(
+            f"the file that trained the model, {path}, has changed since (its sha256 differs)",
+            where=where,
+            fix=fix,
+        )
+    return _load_file(path)
 
 
 def load_dataset(key: str, *, base_url: str | None = None, data_dir: Path | None = None) -> Dataset:

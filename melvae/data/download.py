@@ -55,7 +55,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         raise
 
 
-def _file_digests(path: Path) -> dict[str, str]:
+def file_digests(path: Path) -> dict[str, str]:
+    """The md5 and sha256 of a file, read once in chunks."""
     md5, sha256 = hashlib.md5(), hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_CHUNK):
@@ -148,7 +149,7 @@ def fetch(
     dest = Path(dest)
     expected = _expected(dest, md5, sha256)
     if dest.is_file():
-        digests = _file_digests(dest)
+        digests = file_digests(dest)
         problem = _mismatch(digests, expected)
         if problem is None:
             if not expected:
@@ -159,7 +160,7 @@ def fetch(
     with atomic_path(dest) as part:
         logger.info("downloading %s to %s", url, dest)
         _download(url, part, dest, timeout=timeout, progress=progress)
-        digests = _file_digests(part)
+        digests = file_digests(part)
         problem = _mismatch(digests, expected)
         if problem is not None:
             sidecar = _sidecar(dest)

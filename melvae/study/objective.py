@@ -44,6 +44,9 @@ class PreparedData:
     preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
     # The obs column naming each cell's batch (validated), None without a batch covariate.
     batch_key: str | None = None
+    # The file the cells were read from (`datasets.file_record`: path and sha256), so a model
+    # can name it in its origin; None for a named dataset or an in-memory AnnData.
+    source_file: dict[str, str] | None = None
 
     def preprocessor_for(self, transform: str) -> Preprocessor:
         """The training-split preprocessing for `transform`."""
@@ -105,6 +108,7 @@ def fit_with_params(
             "dataset": data.dataset_key,
             "label_key": data.label_key,
             "batch_key": data.batch_key,
+            "file": data.source_file,
             "split": {
                 "seed": config.preprocess.seed,
                 "val_fraction": config.preprocess.val_fraction,

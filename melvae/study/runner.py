@@ -15,7 +15,7 @@ import optuna
 import pandas as pd
 
 from melvae import track
-from melvae.data.datasets import Dataset, load_dataset, load_with_fallback
+from melvae.data.datasets import Dataset, file_record, load_dataset, load_with_fallback
 from melvae.data.validate import (
     validate_batches,
     validate_expression,
@@ -118,6 +118,7 @@ def prepare_data(
         preprocessor=fit_preprocessor(train, config.preprocess),
         preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
         batch_key=batch_key,
+        source_file=file_record(dataset.path) if dataset.path is not None else None,
     )
     if batch_key is not None:
         split_names = ("train", "val", "test")
