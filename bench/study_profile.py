@@ -1,13 +1,21 @@
-"""Where a whole study's wall time goes: the default study, one process, split by part.
+"""Where a whole study's wall time goes: the default study split by part, and its timeline.
 
-Runs `melvae.study.runner.run_study` on the default study file in a fresh temporary folder,
-offline (so on the PBMC fallback, as everywhere here without GEO), with the study's functions
-wrapped by timers. Each part's time is its own (exclusive): a part called inside another, e.g.
-MLflow logging inside the baselines, counts only for itself, so the parts add up to the wall time
-and "other" is what no timer covers (Optuna's storage, pruning, building models, the run's own
-bookkeeping).
+Default: runs `melvae.study.runner.run_study` on the default study file in a fresh temporary
+folder, offline (so on the PBMC fallback, as everywhere here without GEO), in one process, with
+the study's functions wrapped by timers. Each part's time is its own (exclusive): a part called
+inside another, e.g. MLflow logging inside the baselines, counts only for itself, so the parts
+add up to the wall time and "other" is what no timer covers (Optuna's storage, pruning,
+building models, the run's own bookkeeping). Rendering a figure to PNG counts as "plots", also
+when MLflow does it while logging the figure (the study report's figures count as the report).
+
+`--timeline` runs `python -m melvae.study run` as users do (its default `--workers auto`), in a
+fresh folder, offline, and prints where its wall time went on the critical path, read back from
+the MLflow runs it left: the serial start (imports, data, study, tables), each worker's trials
+(busy, and when it started and stopped), the tail, and the serial end (champion on test,
+baselines, registration, report, exit).
 
     python bench/study_profile.py [--n-trials 20] [--epochs N] [--threads 1]
+    python bench/study_profile.py --timeline [--n-trials 20] [--epochs N]
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import functools
 import importlib
 import os
 import socket
+import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,11 +47,12 @@ PARTS: dict[str, tuple[str, ...]] = {
     "final metrics (validation split)": ("melvae.study.scoring:SplitScores.final",),
     "bio_score": ("melvae.study.scoring:SplitScores.bio",),
     "t-SNE": ("melvae.plot:tsne_coordinates",),
-    "plots (figures)": (
+    "plots (figures: build, render PNG)": (
         "melvae.study.objective:loss_curves",
         "melvae.study.objective:tsne_embedding",
+        "matplotlib.figure:Figure.savefig",
     ),
-    "study report": ("melvae.study.runner:report_step",),
+    "study report": ("melvae.study.runner:report_step", "melvae.study.report:_png"),
     "MLflow logging": (
         "melvae.track:log_metrics",
         "melvae.track:log_params",
@@ -68,6 +79,8 @@ class Clock:
         self._stack: list[tuple[str, float]] = []
 
     def enter(self, part: str) -> None:
+        if self._stack and self._stack[-1][0] == "study report":
+            part = "study report"  # its figures' rendering is the report's
         now = time.perf_counter()
         if self._stack:
             outer, since = self._stack[-1]
@@ -152,12 +165,103 @@ def _offline(folder: Path) -> None:
     os.chdir(folder)
 
 
+def _runs(database: Path) -> list[dict]:
+    """Every MLflow run in `database`: start, end (s since the epoch), name and tags."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        tags: dict[str, dict[str, str]] = {}
+        for run_id, key, value in db.execute("select run_uuid, key, value from tags"):
+            tags.setdefault(run_id, {})[key] = value
+        rows = db.execute("select run_uuid, name, start_time, end_time from runs").fetchall()
+        versions = db.execute("select creation_time from model_versions").fetchall()
+    runs = [
+        {"id": i, "name": n, "start": s / 1e3, "end": (e or s) / 1e3, "tags": tags.get(i, {})}
+        for i, n, s, e in rows
+    ]
+    runs += [
+        {"name": "model version", "start": t / 1e3, "end": t / 1e3, "tags": {}} for (t,) in versions
+    ]
+    return runs
+
+
+def timeline(n_trials: int | None, epochs: int | None) -> None:
+    """Run `python -m melvae.study run` in a fresh folder, offline; print its critical path."""
+    command = [sys.executable, "-m", "melvae.study", "run", "--quiet"]
+    command += ["--n-trials", str(n_trials)] if n_trials else []
+    command += ["--epochs", str(epochs)] if epochs else []
+    root = str(Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _offline(folder)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        load = os.getloadavg()[0]
+        started = time.time()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        ended = time.time()
+        if done.returncode != 0:
+            sys.exit(f"the study failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        runs = _runs(folder / "mlruns" / "mlflow.db")
+    plan = next(line for line in done.stderr.splitlines() if " x " in line and "worker" in line)
+    at = {
+        key: [r for r in runs if r["tags"].get("role") == key]
+        for key in ("study-run", "trial", "baseline")
+    }
+    parents = sorted(at["study-run"], key=lambda r: r["start"])
+    trials = at["trial"]
+    first, last = min(r["start"] for r in trials), max(r["end"] for r in trials)
+    rows: list[tuple[str, float, float]] = [
+        ("start: imports, data, study, MLflow tables", started, first)
+    ]
+    for index, parent in enumerate(parents):
+        mine = [r for r in trials if r["tags"].get("mlflow.parentRunId") == parent["id"]]
+        if not mine:
+            continue
+        busy = sum(r["end"] - r["start"] for r in mine)
+        begin, end = min(r["start"] for r in mine), max(r["end"] for r in mine)
+        label = f"worker {index}: {len(mine)} trials, busy {busy:.1f} s"
+        rows.append((label, begin, end))
+    rows.append(("all trials", first, last))
+    baselines = at["baseline"]
+    if baselines:
+        rows.append(("end: champion on test", last, min(r["start"] for r in baselines)))
+        rows.append(
+            ("end: baselines", min(r["start"] for r in baselines), max(r["end"] for r in baselines))
+        )
+    versions = [r for r in runs if r["name"] == "model version"]
+    if versions:
+        rows.append(("end: registration (last trial -> version made)", last, versions[0]["start"]))
+    rows.append(
+        (
+            "end: report, parent run ended",
+            max(r["end"] for r in baselines) if baselines else last,
+            parents[0]["end"],
+        )
+    )
+    rows.append(("end: summary printed, processes exit", parents[0]["end"], ended))
+    print(
+        f"default study, `python -m melvae.study run` in a fresh folder ({plan.strip()}); "
+        f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    )
+    print(f"{'phase':52s}{'from s':>8s}{'to s':>8s}{'wall s':>8s}")
+    for label, begin, end in rows:
+        print(f"{label:52s}{begin - started:8.1f}{end - started:8.1f}{end - begin:8.1f}")
+    print(f"{'whole run':52s}{0:8.1f}{ended - started:8.1f}{ended - started:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=None, help="default: the study's (20)")
     parser.add_argument("--epochs", type=int, default=None, help="cap every trial's epochs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--timeline", action="store_true", help="run the CLI as users do; print its critical path"
+    )
     args = parser.parse_args()
+    if args.timeline:
+        timeline(args.n_trials, args.epochs)
+        return
 
     import torch
 

@@ -271,7 +271,10 @@ def _registrable(model_uri: str, *, source_run_id: str | None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(model_uri, tmp)
         model = MelVAE.load(local)
-        example = pd.read_json(local / EXAMPLE_FILE, orient="split", convert_axes=False)
+        # Numbers as written (no per-column type guessing: 0.35 s at 765 genes).
+        example = pd.read_json(
+            local / EXAMPLE_FILE, orient="split", convert_axes=False, dtype=False
+        )
     experiment_id = mlflow.get_run(source_run_id).info.experiment_id if source_run_id else None
     logged = mlflow.initialize_logged_model(
         name="model", source_run_id=source_run_id, experiment_id=experiment_id

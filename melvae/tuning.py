@@ -38,9 +38,11 @@ from melvae.study.objective import PreparedData
 from melvae.study.runner import (
     DEFAULT_STORAGE,
     StudyOutcome,
+    best_complete_trial,
     config_for_data,
     create_study,
     prepare_data,
+    promote_best,
     run_study,
     trials_table,
 )
@@ -263,7 +265,8 @@ def start_workers(
     """Run the study as worker 0 of `plan.workers`: create it, pledge `budget` and claim the
     sampler indices, start `plan.workers - 1` worker processes on `job` (written once to a
     private temporary folder, removed when they end), run this process's share of the trials on
-    the data it prepared, then the summary once the budget is spent; return the outcome and the
+    the data it prepared, then the summary once the budget is spent (the first process registers
+    the champion meanwhile, `run_worker`); return the outcome and the
     worst exit code of the processes. A stop (Ctrl-C, SIGTERM, passed on to the processes) takes
     the unrun pledge back and raises once they have ended. `n_trials` (None: the study's) is
     what the progress bar counts."""
@@ -272,6 +275,7 @@ def start_workers(
     study = create_study(config, job.data.dataset_key, storage, heartbeat=job.run["heartbeat"])
     first = workers_.claim_workers(study, storage, plan.workers)
     workers_.pledge(study, storage, budget)
+    job = dataclasses.replace(job, registrar=first + 1)
     try:
         with workers_.job_folder() as folder:
             path = workers_.write_job(job, folder)
@@ -283,20 +287,47 @@ def start_workers(
                 _torch_threads(plan.threads),
             ):
                 outcome = run_study(
-                    job.config, n_trials=n_trials, data=job.data, worker_index=first, **job.run
+                    job.config,
+                    n_trials=n_trials,
+                    data=job.data,
+                    worker_index=first,
+                    register=False,
+                    **job.run,
                 )
+            outcome = _registered(outcome, folder, job.data.dataset_key)
     except KeyboardInterrupt:  # the processes queued their trials again for the next run
         workers_.withdraw(study, storage, budget)
         raise
     return outcome, crew.code
 
 
+def _registered(outcome: StudyOutcome, folder: Path, dataset_key: str) -> StudyOutcome:
+    """The outcome with the champion's registration: the registrar worker's, or (it died, or
+    saw another champion) done here."""
+    best = outcome.champion_trial
+    if best is None:
+        return outcome
+    registration = workers_.read_registration(folder, best.number)
+    if registration is None:
+        registration = promote_best(outcome.study, outcome.config, dataset_key)
+    return dataclasses.replace(outcome, registration=registration)
+
+
 def run_worker(job: Path, *, index: int, threads: int) -> None:
     """One worker process started by `start_workers`: run trials of the job's study with sampler
-    index `index` on `threads` torch threads until the study's budget is spent."""
+    index `index` on `threads` torch threads until the study's budget is spent; the registrar
+    (`Job.registrar`) then registers the champion while worker 0 runs the baselines."""
     work = workers_.read_job(job)
     with _torch_threads(threads):
-        run_study(work.config, data=work.data, worker_index=index, summarise=False, **work.run)
+        outcome = run_study(
+            work.config, data=work.data, worker_index=index, summarise=False, **work.run
+        )
+        if index != work.registrar:
+            return
+        best = best_complete_trial(outcome.study, outcome.config)
+        registration = promote_best(outcome.study, outcome.config, work.data.dataset_key)
+    if best is not None and registration is not None:
+        workers_.write_registration(registration, best.number, Path(job).parent)
 
 
 def _prepared(

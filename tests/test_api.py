@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import melvae
+from melvae import tuning
 from melvae.errors import InputError
 from melvae.model import MelVAE
 from melvae.study.__main__ import main as study_main
@@ -155,6 +156,8 @@ def test_tune_on_an_in_memory_anndata_is_worker_0_of_its_processes(tmp_path, mon
     handoff.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(handoff))  # where the job file goes
     monkeypatch.chdir(tmp_path)
+    # The worker process registers the champion while this one runs the baselines.
+    monkeypatch.setattr(tuning, "promote_best", _not_here)
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     study = tomllib.loads(DEFAULT_STUDY.read_text()) | {"name": "dict-study"}
     result = melvae.tune(
@@ -186,6 +189,13 @@ def test_tune_on_an_in_memory_anndata_is_worker_0_of_its_processes(tmp_path, mon
     here = f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and tags.role = 'trial'"
     assert client.search_runs([experiment.experiment_id], here), "worker 0 ran trials here"
     assert list(handoff.iterdir()) == [], "the job file is removed when the workers end"
+    (version,) = client.search_model_versions("name = 'melvae-toy'")
+    assert result.registration.version == str(version.version) and result.registration.promoted
+    assert version.tags["run_id"] == result.champion_trial.user_attrs["mlflow_run_id"]
+
+
+def _not_here(*args, **kwargs):
+    raise AssertionError("worker 0 registered the champion itself")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import time
 import optuna
 import pytest
 
+from melvae.register import Registration
 from melvae.study import workers
 from melvae.study.config import load_study_config
 from melvae.study.runner import _sampler
@@ -75,6 +76,14 @@ def test_the_budget_counts_a_failed_trial_once_as_its_retry():
         _trial(5, State.PRUNED),
     ]
     assert workers.counted(trials) == 4
+
+
+def test_worker_0_takes_the_registrars_registration_only_for_the_champion_it_chose(tmp_path):
+    assert workers.read_registration(tmp_path, trial=3) is None, "none left: worker 0 registers"
+    done = Registration("melvae-x", "2", promoted=True, previous_champion="1")
+    workers.write_registration(done, 3, tmp_path)
+    assert workers.read_registration(tmp_path, trial=3) == done
+    assert workers.read_registration(tmp_path, trial=4) is None, "another champion: register it"
 
 
 def test_pledges_add_up_and_a_withdrawal_never_drops_below_what_was_spent(tmp_path):

@@ -4,6 +4,7 @@ prints."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import socket
 import subprocess
@@ -326,4 +327,8 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed: spare the interpreter's last garbage collections of a
+    # heap full of torch, MLflow and pandas objects (0.6 s of every command's exit, measured).
+    gc.freeze()
+    sys.exit(code)

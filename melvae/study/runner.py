@@ -289,6 +289,7 @@ def run_study(
     data: PreparedData | None = None,
     worker_index: int | None = None,
     summarise: bool = True,
+    register: bool = True,
 ) -> StudyOutcome:
     """Run (or resume) a study end to end and register its best model.
 
@@ -297,7 +298,8 @@ def run_study(
     added to the study's shared budget and trials run until the study holds it
     (`workers.optimize_within_budget`). `data` skips preparing it again; `worker_index` given
     (by `run --workers N`) means the caller pledged the budget and claimed that sampler index;
-    `summarise=False` leaves the champion's test scores, baselines and registration to it.
+    `summarise=False` leaves the champion's test scores, baselines and registration to it;
+    `register=False` only the registration (`run --workers N` has a worker process do it).
     """
     started = time.perf_counter()
     check_storage_url(storage)
@@ -339,7 +341,7 @@ def run_study(
                 storage,
                 requeue_when_stopped(objective),
                 timeout=timeout if timeout is not None else config.timeout,
-                poll_seconds=min(heartbeat, 5),
+                poll_seconds=min(heartbeat, workers.WAIT_SECONDS),
                 pledged=pledged,
                 catch=(NonFiniteLossError,),
                 callbacks=[show_progress],
@@ -354,7 +356,8 @@ def run_study(
                 comparison = baselines_step(
                     config, data, best, test_metrics, study, tracking_uri, experiment_id, epochs_cap
                 )
-                registration = promote_best(study, config, data.dataset_key)
+                if register:
+                    registration = promote_best(study, config, data.dataset_key)
                 report_step(study, config, best, parent_id)
     return StudyOutcome(
         study=study,

@@ -15,12 +15,16 @@ trial budget, and `run --workers N` (N worker processes on this machine).
   N`): the caller is worker 0 and runs its share of the trials in-process, on the data it
   prepared, while N - 1 processes `python -m melvae.study run --job FILE` run the rest; they
   read the data and the study from one job file (`write_job`), so an AnnData in a notebook's
-  memory or a study given as a dict reach them too.
+  memory or a study given as a dict reach them too. When the trials are done, one of them (the
+  job's registrar) registers the champion while worker 0 scores it on test, runs the baselines
+  and writes the report (`write_registration`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import pickle
 import shutil
@@ -41,6 +45,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from melvae.register import Registration
 from melvae.study.config import StudyConfig
 from melvae.study.objective import PreparedData
 from melvae.study.recovery import Terminated, process_alive
@@ -58,9 +63,14 @@ WORKERS_ATTR = "sampler_workers"
 BUDGET_ATTR = "trial_budget"
 # The pledge of a run given a timeout and no trial count: only the timeout ends it.
 UNTIL_TIMEOUT = 2**31 - 1
+# How often a worker whose share is done looks whether the others' trials have ended. Worker 0
+# runs the summary (baselines, registration, report) only once they have: polling every 5 s
+# left it idle for up to 5 s whenever another worker's trial ended last. A poll is one query.
+WAIT_SECONDS = 0.5
 # A run's private folder for its job file, and the file in it naming the run's process.
 JOB_PREFIX = "melvae-workers-"
 OWNER_FILE = "owner.pid"
+REGISTRATION_FILE = "registration.json"
 _State = optuna.trial.TrialState
 _COUNTED = (_State.COMPLETE, _State.PRUNED, _State.RUNNING)
 
@@ -239,6 +249,9 @@ class Job:
     config: StudyConfig
     data: PreparedData
     run: dict[str, Any]
+    # The worker index that registers the champion once the trials are done, while worker 0
+    # scores it on test, runs the baselines and writes the report (`write_registration`).
+    registrar: int | None = None
 
 
 def write_job(job: Job, folder: Path) -> Path:
@@ -259,6 +272,27 @@ def read_job(path: Path) -> Job:
     """The job `write_job` wrote (this machine's own temporary file, written by the same code)."""
     with Path(path).open("rb") as source:
         return pickle.load(source)
+
+
+def write_registration(registration: Registration, trial: int, folder: Path) -> None:
+    """Leave what registering the champion (trial `trial`) did in the run's job folder, for
+    worker 0 (`read_registration`); written atomically."""
+    path = folder / REGISTRATION_FILE
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"trial": trial, **dataclasses.asdict(registration)}))
+    os.replace(partial, path)
+
+
+def read_registration(folder: Path, trial: int) -> Registration | None:
+    """What the registrar worker's registration of champion `trial` did; None if it left none
+    (it died, or found no champion) or registered another trial: worker 0 then registers."""
+    try:
+        written = json.loads((folder / REGISTRATION_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    if written.pop("trial") != trial:
+        return None
+    return Registration(**written)
 
 
 @contextlib.contextmanager
@@ -314,7 +348,8 @@ def crew(job: Path, *, workers: int, threads: int, first_index: int) -> Iterator
     on the way out wait for them and set `Crew.code`.
 
     The caller has pledged the study's budget and claimed the indices; the workers share that
-    budget (none pledges more) and leave the summary (baselines, registration) to the caller.
+    budget (none pledges more) and leave the summary (baselines, report) to the caller, all but
+    the job's registrar, which registers the champion.
     Give each cores/N torch threads: N processes each using every core would slow each other
     down many times over. The workers import the same melvae as this process. SIGTERM to this
     process (from its main thread) is passed on to every worker, then to this process's own
