@@ -17,17 +17,20 @@ macro F1 of a k-NN fitted on the outer training part, and the batch metrics of
 `melvae.metrics` (batch ASW, iLISI, graph connectivity, batch_score: their mean). Prints mean ±
 sd over seeds, methods side by side.
 
-    python bench/batch_effects.py --seeds 0 1 2 --out /tmp/batch-effects        # everything
+    python bench/batch_effects.py --seeds 0 1 2 --jobs 2 --out /tmp/batch-effects  # everything
     python bench/batch_effects.py --methods pca combat harmony champion          # no batch model
     python bench/batch_effects.py --table-only --out /tmp/batch-effects          # print saved
 
 Each (split, seed, method) result is saved as JSON under --out, so methods can be added later
-and the table printed from what is saved.
+and the table printed from what is saved. Every study runs with one worker, so its trials, and
+so its champion, are the same for the same seed; `--jobs` runs independent (split, seed,
+method) jobs as that many processes side by side (one thread each).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
@@ -132,6 +135,7 @@ def champion(
             label_key="cell_type",
             batch_key=batch_key,
             name="tcells-batch" if batch_key else "tcells",
+            workers=1,  # deterministic trials for a seed: the champion is reproducible
             threads=1,
             progress=False,
         )
@@ -139,8 +143,15 @@ def champion(
         os.chdir(cwd)
     info = {
         "study_seconds": result.seconds,
+        "n_trials": n_trials,
         "trials": len(result.study.trials),
         "champion_params": result.champion_trial.params,
+        # Every completed trial: its adversary weight and objective values (val_loss first).
+        "trials_values": [
+            [t.params.get("batch_adversary_weight", 0.0), *t.values]
+            for t in result.study.trials
+            if t.values is not None
+        ],
     }
     return result.champion, info
 
@@ -232,6 +243,12 @@ def print_table(out: Path) -> None:
     print(seconds.groupby(["split", "method"], sort=False)["seconds"].mean().round(1).to_string())
 
 
+def _one_thread() -> None:
+    """Each process: one torch thread, errors only in the log."""
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", nargs="+", default=["cells", "patients"])
@@ -241,27 +258,38 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="cap epochs (quick looks only)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/melvae-batch-effects"))
     parser.add_argument("--data", type=Path, default=SUBSET, help="the T-cell subset (.h5ad)")
+    parser.add_argument("--jobs", type=int, default=2, help="jobs run side by side (default 2)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(1)
+    _one_thread()
     if not args.table_only:
-        for split in args.splits:
-            for seed in args.seeds:
-                for method in args.methods:
-                    print(
-                        f"{time.strftime('%H:%M:%S')} {split} seed {seed} {method} ...", flush=True
-                    )
-                    result = one(
-                        split,
-                        seed,
-                        method,
-                        n_trials=args.n_trials,
-                        epochs=args.epochs,
-                        out=args.out,
-                        data=args.data,
-                    )
-                    print(f"  done in {result['seconds']:.0f} s", flush=True)
+        jobs = [
+            (split, seed, method)
+            for split in args.splits
+            for seed in args.seeds
+            for method in args.methods
+        ]
+        started = time.perf_counter()
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+            running = {
+                pool.submit(
+                    one,
+                    *job,
+                    n_trials=args.n_trials,
+                    epochs=args.epochs,
+                    out=args.out,
+                    data=args.data,
+                ): job
+                for job in jobs
+            }
+            for done in concurrent.futures.as_completed(running):
+                split, seed, method = running[done]
+                seconds = done.result()["seconds"]
+                print(
+                    f"{time.strftime('%H:%M:%S')} {split} seed {seed} {method}: {seconds:.0f} s",
+                    flush=True,
+                )
+        print(f"\n{len(jobs)} jobs, {args.jobs} at a time: {time.perf_counter() - started:.0f} s")
     print_table(args.out)
     return 0
 

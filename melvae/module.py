@@ -14,6 +14,10 @@ weight column per batch to its pre-activation, so each conditioned layer gets a 
 columns (`nn.Embedding`, initialised as `nn.Linear` initialises the one-hot columns it would
 have), created after every other weight: without batches the module is the unconditioned one,
 parameter for parameter and draw for draw.
+
+With `batch_adversary_weight` > 0 (it needs batches) the module also holds a batch classifier on
+the latent trained against the encoder (`melvae.adversary`), created after everything else: its
+term changes the training gradients, never the loss values (the negative ELBO).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from melvae import params
+from melvae.adversary import BatchAdversary
 from melvae.errors import InputError
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
@@ -98,6 +103,7 @@ class VAEModule(nn.Module):
         block.pop("latent_dim")
         hidden_dim = block.pop("hidden_dim")
         conditioning = block.pop("batch_conditioning")
+        adversary_weight = block.pop("batch_adversary_weight")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
@@ -121,6 +127,18 @@ class VAEModule(nn.Module):
             if conditioning == "encoder_decoder"
             else None
         )
+        if adversary_weight > 0 and n_batches == 0:
+            raise InputError(
+                f"batch_adversary_weight = {adversary_weight}: an adversarial batch classifier "
+                "needs batches, and this module has none",
+                where="VAEModule",
+                fix='set a batch key (e.g. [data] batch_key = "sample" or --batch-key), or '
+                "leave batch_adversary_weight at 0",
+            )
+        # Created after every other weight: without it the module is drawn exactly as before.
+        self.adversary = None
+        if adversary_weight > 0:
+            self.adversary = BatchAdversary(latent_dim, n_batches, adversary_weight)
 
     @property
     def encoder_conditioned(self) -> bool:
@@ -173,14 +191,19 @@ class VAEModule(nn.Module):
         """Negative ELBO: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
         One reparameterised sample per cell, drawn from `generator` (the global RNG if None);
-        `batch`: each cell's batch code (int64), for a conditioned module.
+        `batch`: each cell's batch code (int64), for a conditioned module. In training mode a
+        module with an adversary adds its term to `total`'s gradients (its value stays the
+        negative ELBO).
         """
         mu, logvar = self.encode(x, batch)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z, kl = sample_and_kl(mu, logvar, eps)
         recon = self.likelihood_model.nll(self, x, self.decoded(z, batch)).mean()
         kl = kl.mean()
-        return LossParts(recon + kl_weight * kl, recon, kl)
+        total = recon + kl_weight * kl
+        if self.adversary is not None and self.training:
+            total = total + self.adversary.gradient_only(mu, batch)
+        return LossParts(total, recon, kl)
 
 
 def _one_hot_columns(n_batches: int, in_dim: int, out_dim: int) -> nn.Embedding | None:

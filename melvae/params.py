@@ -47,6 +47,8 @@ class Param:
         Inclusive bounds (None: unbounded); `high_open=True` / `low_open=True` exclude them.
     choices
         For a `str`: the allowed values.
+    needs_batch_key
+        A value other than the default needs a batch key (a study refuses it without one).
 
     Examples
     --------
@@ -65,6 +67,7 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
+    needs_batch_key: bool = False
 
     def describe(self) -> str:
         """The valid values in words, e.g. "int >= 1", "float in [0, 1)", "one of relu, gelu"."""
@@ -145,6 +148,16 @@ PARAMS: dict[str, Param] = {
             "or the encoder too; unused without a batch key",
             "decoder",
             choices=("decoder", "encoder_decoder"),
+        ),
+        Param(
+            "batch_adversary_weight",
+            float,
+            _MODULE,
+            "weight of an adversarial batch classifier on the latent that the encoder is trained "
+            "to defeat (0 = none; needs a batch key; changes gradients, not the loss values)",
+            0.0,
+            low=0,
+            needs_batch_key=True,
         ),
         Param("learning_rate", float, _TRAIN, "Adam's learning rate", 1e-3, low=0, low_open=True),
         Param("epochs", int, _TRAIN, "most epochs to train", 100, low=1),

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from melvae.data.loader import coded_batches, densified
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
-from melvae.fused import plan_of, vae_loss
+from melvae.fused import loss_sums, plan_of, train_step
 from melvae.module import VAEModule
 from melvae.params import PARAMS, names
 
@@ -144,8 +144,12 @@ class FusedAdam:
         self.lr = lr
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
-        # torch.optim.Adam's fused state: one float32 step counter per parameter.
-        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+        # torch.optim.Adam's fused state: one float32 step counter per parameter, here the
+        # entries of one tensor, so a step that updates every parameter counts in one call
+        # (3 instead of 21 us for ten counters).
+        device = self.params[0].device if self.params else None
+        self.step_counts = torch.zeros(len(self.params), dtype=torch.float32, device=device)
+        self.steps = list(self.step_counts.unbind())
 
     def zero_grad(self) -> None:
         """Drop every gradient (the next backward writes them afresh)."""
@@ -159,7 +163,10 @@ class FusedAdam:
             return
         lists = (self.params, self.exp_avgs, self.exp_avg_sqs, self.steps)
         params, exp_avgs, exp_avg_sqs, steps = ([values[i] for i in have] for values in lists)
-        torch._foreach_add_(steps, 1)
+        if len(have) == len(self.params):
+            self.step_counts.add_(1)
+        else:
+            torch._foreach_add_(steps, 1)
         torch._fused_adam_(
             params,
             [p.grad for p in params],
@@ -211,24 +218,44 @@ def evaluate_loss(
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = module.training
     module.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = _Sums()
     plan = plan_of(module)  # the hand-written loss where it covers the module
     try:
         with torch.no_grad():
             for xb, bb in coded_batches(x, batch_codes, batch_size, device=device):
                 if plan is None:
                     parts = module.loss(xb, kl_weight, generator=generator, batch=bb)
+                    sums.add_means(parts.recon, parts.kl, len(xb))
                 else:
-                    parts = vae_loss(module, plan, xb, kl_weight, generator)
-                totals += torch.stack(parts) * len(xb)
+                    sums.add(*loss_sums(module, plan, xb, generator))
     finally:
         module.train(was_training)
-    return _per_cell(totals, x.shape[0])
+    return sums.per_cell(kl_weight, x.shape[0])
 
 
-def _per_cell(totals: torch.Tensor, n_cells: int) -> dict[str, float]:
-    """{"loss", "recon", "kl"} from loss sums over `n_cells`: the one host sync of a pass."""
-    return dict(zip(("loss", "recon", "kl"), (totals / n_cells).tolist(), strict=True))
+class _Sums:
+    """A pass's reconstruction and KL terms, batch by batch, kept on the device and added up
+    once at the end: no call per batch beyond the loss's own, and one host sync a pass."""
+
+    def __init__(self) -> None:
+        self.recon: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []
+
+    def add(self, recon: torch.Tensor, kl: torch.Tensor) -> None:
+        """A batch's terms, each summed over its cells."""
+        self.recon.append(recon)
+        self.kl.append(kl)
+
+    def add_means(self, recon: torch.Tensor, kl: torch.Tensor, n_cells: int) -> None:
+        """A batch's terms, each averaged over its `n_cells` cells."""
+        self.add(recon.detach() * n_cells, kl.detach() * n_cells)
+
+    def per_cell(self, kl_weight: float, n_cells: int) -> dict[str, float]:
+        """{"loss", "recon", "kl"} averaged over the pass's `n_cells` cells, the loss being
+        recon + kl_weight * kl."""
+        recon, kl = (torch.stack(terms).double().sum() for terms in (self.recon, self.kl))
+        totals = torch.stack([recon + kl_weight * kl, recon, kl]) / n_cells
+        return dict(zip(("loss", "recon", "kl"), totals.tolist(), strict=True))
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -362,7 +389,7 @@ def _train_epoch(
     kl_weight = config.kl_weight_at(epoch)
     module.train()
     device = _device_of(module)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = _Sums()
     order = order_rng.permutation(x.shape[0])
     plan = plan_of(module)  # None for a batch-conditioned module
     for xb, bb in coded_batches(x, codes, config.batch_size, order=order, device=device):
@@ -370,11 +397,11 @@ def _train_epoch(
             parts = module.loss(xb, kl_weight, generator=noise, batch=bb)
             optimizer.zero_grad()
             parts.total.backward()
+            sums.add_means(parts.recon, parts.kl, len(xb))
         else:  # the common architecture: loss and gradients by hand, no autograd graph
-            parts = vae_loss(module, plan, xb, kl_weight, noise, step=True)
+            sums.add(*train_step(module, plan, xb, kl_weight, noise))
         optimizer.step()
-        totals += torch.stack(parts).detach() * len(xb)
-    result = _per_cell(totals, x.shape[0])
+    result = sums.per_cell(kl_weight, x.shape[0])
     if not all(map(math.isfinite, result.values())):
         raise NonFiniteLossError(epoch, "training", result)
     return result

@@ -8,7 +8,7 @@ import torch
 
 import melvae.layers
 import melvae.train
-from melvae.fused import plan_of, vae_loss
+from melvae.fused import loss_sums, plan_of, softplus_sum, train_step, vae_loss
 from melvae.module import VAEModule
 from melvae.train import TrainConfig, train_vae
 
@@ -73,11 +73,33 @@ def test_the_training_step_sets_the_gradients_of_the_total_loss(layout, architec
     want_parts = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3))
     want = torch.autograd.grad(want_parts.total, list(module.parameters()))
     torch.manual_seed(5)
-    parts = vae_loss(module, plan_of(module), x, 0.7, torch.Generator().manual_seed(3), step=True)
-    for got, expected in zip(parts, want_parts, strict=True):
-        torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-12)
+    sums = train_step(module, plan_of(module), x, 0.7, torch.Generator().manual_seed(3))
+    for got, expected in zip(sums, [want_parts.recon, want_parts.kl], strict=True):
+        torch.testing.assert_close(got, expected.detach() * len(x), rtol=1e-10, atol=1e-12)
     for p, g in zip(module.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", COVERED)
+def test_loss_sums_are_the_loss_parts_summed_over_cells(architecture) -> None:
+    module = _module(**architecture)
+    x = _x()
+    torch.manual_seed(5)
+    want = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    sums = loss_sums(module, plan_of(module), x, torch.Generator().manual_seed(3))
+    for got, expected in zip(sums, [want.recon, want.kl], strict=True):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, expected.detach() * len(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cells", [7, 64, 300], ids=["remainder-only", "one-run", "runs-and-rest"])
+def test_softplus_sum_is_the_sum_of_softplus_also_far_out(cells) -> None:
+    """Logits from -100 to 100: the products of 1 + exp(-|l|) neither overflow nor lose digits."""
+    logits = torch.linspace(-100, 100, cells * 11, dtype=torch.float64).reshape(cells, 11)
+    want = torch.nn.functional.softplus(logits).sum()
+    torch.testing.assert_close(softplus_sum(logits), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(softplus_sum(logits.float()), want.float(), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -105,15 +127,19 @@ def test_training_with_the_fused_step_ends_where_the_plain_path_ends(monkeypatch
     x = rng.random((60, 11)).astype(np.float32)
     config = TrainConfig(epochs=3, batch_size=16, early_stopping_patience=None, seed=2)
 
-    def trained() -> VAEModule:
+    def trained() -> tuple[VAEModule, melvae.train.History]:
         torch.manual_seed(0)
         module = VAEModule(11, 6, 3, n_layers=2, dropout=0.1, norm="layer")
-        train_vae(module, x[:45], x[45:], config, progress=False)
-        return module
+        history = train_vae(module, x[:45], x[45:], config, progress=False)
+        return module, history
 
-    fused, again = trained(), trained()
+    (fused, fused_history), (again, again_history) = trained(), trained()
     monkeypatch.setattr(melvae.train, "plan_of", lambda module: None)
-    plain = trained()
+    plain, plain_history = trained()
+    assert fused_history == again_history
+    for name in melvae.train.METRIC_NAMES[:6]:  # the six losses, each epoch
+        want = getattr(plain_history, name)
+        np.testing.assert_allclose(getattr(fused_history, name), want, rtol=1e-5, err_msg=name)
     for (name, a), b, c in zip(
         fused.state_dict().items(),
         again.state_dict().values(),

@@ -84,6 +84,9 @@ class StudyConfig:
     # ([objective] batch_metrics, [selection] batch_rule); None: they stay.
     batch_objectives: tuple[str, ...] | None = None
     batch_rule: str | None = None
+    # `[batch_search.*]`: dimensions added to `search` when a batch key is set (seed trials take
+    # their fixed values there); without a batch key they are not used.
+    batch_search: tuple[SearchParam, ...] = ()
 
     @property
     def objective(self) -> str:
@@ -120,14 +123,35 @@ class StudyConfig:
 
     def with_batch_key(self, batch_key: str) -> StudyConfig:
         """This study conditioned on the batch column `batch_key`, with the objectives and
-        selection rule it declares for a batch key (`batch_metrics`, `batch_rule`)."""
+        selection rule it declares for a batch key (`batch_metrics`, `batch_rule`), and its
+        `[batch_search.*]` dimensions added to the search space (each seed trial that does not
+        set one takes its fixed value, so the seed trials stay the documented experiments)."""
         rule = self.batch_rule or self.selection.rule
+        searched = {param.name for param in self.search}
+        added = tuple(param for param in self.batch_search if param.name not in searched)
+        fixed = self.fixed_params()
         return replace(
             self,
             batch_key=batch_key,
             objectives=self.batch_objectives or self.objectives,
             selection=replace(self.selection, rule=rule),
+            search=self.search + added,
+            seed_trials=tuple(
+                {**trial, **{p.name: fixed[p.name] for p in added if p.name not in trial}}
+                for trial in self.seed_trials
+            ),
         )
+
+    def needs_batch_key(self) -> list[str]:
+        """What in this study needs a batch key: batch objectives, and parameters declared
+        `needs_batch_key` that are searched or fixed away from their default."""
+        needs = [name for name in self.objectives if name in BATCH_OBJECTIVES]
+        fixed, searched = self.fixed_params(), {param.name for param in self.search}
+        return needs + [
+            name
+            for name, p in PARAMS.items()
+            if p.needs_batch_key and (fixed.get(name, p.default) != p.default or name in searched)
+        ]
 
     def fit_only(self) -> StudyConfig:
         """This study without its label objectives: for data that have no cell-type labels."""
@@ -223,6 +247,10 @@ def study_config_from_dict(raw: dict[str, Any], path: Path | str = "<study dict>
         ),
         train=_dataclass_from(TrainConfig, reader.section("train")),
         search=tuple(_search_param(name, spec, reader) for name, spec in reader.table("search")),
+        batch_search=tuple(
+            _search_param(name, spec, reader, "batch_search")
+            for name, spec in reader.table("batch_search")
+        ),
         seed_trials=tuple(reader.list_of_tables("seed_trials")),
         sampler=dict(reader.section("sampler").values),
         pruner=dict(reader.section("pruner").values),
@@ -341,6 +369,28 @@ def _check_selection(config: StudyConfig) -> None:
         )
 
 
+def _check_batch_search(config: StudyConfig) -> None:
+    """`[batch_search.*]` dimensions are not also in `[search]`, and hold the fixed value the
+    seed trials take there."""
+    searched = {param.name for param in config.search}
+    fixed = config.fixed_params()
+    for param in config.batch_search:
+        where = f"{config.path} [batch_search.{param.name}]"
+        if param.name in searched:
+            raise InputError(
+                f"{param.name} is searched in both [search] and [batch_search]",
+                where=where,
+                fix="keep one: [batch_search] searches it only with a batch key",
+            )
+        if config.seed_trials and not param.contains(fixed[param.name]):
+            raise InputError(
+                f"the seed trials run with {param.name} = {fixed[param.name]!r}, which lies "
+                "outside this dimension",
+                where=where,
+                fix=f"include {fixed[param.name]!r} in it",
+            )
+
+
 def _check_architecture(config: StudyConfig) -> None:
     where = str(config.path)
     conditioning = {config.architecture["batch_conditioning"]} | {
@@ -382,6 +432,7 @@ def _check_consistency(config: StudyConfig) -> None:
         )
     _check_selection(config)
     _check_architecture(config)
+    _check_batch_search(config)
     searched = {param.name: param for param in config.search}
     fixed = config.fixed_params()
     for index, trial in enumerate(config.seed_trials):
@@ -419,9 +470,10 @@ def _check_consistency(config: StudyConfig) -> None:
             )
 
 
-def _search_param(name: str, spec: Any, reader: _Section) -> SearchParam:
-    """One `[search.<name>]` table, every value checked against the parameter's declaration."""
-    where = f"{reader.where} [search.{name}]"
+def _search_param(name: str, spec: Any, reader: _Section, table: str = "search") -> SearchParam:
+    """One `[search.<name>]` (or `[batch_search.<name>]`) table, every value checked against the
+    parameter's declaration."""
+    where = f"{reader.where} [{table}.{name}]"
     if name not in PARAMS:
         raise InputError(
             f"cannot search {name!r}", where=where, fix=f"search only {', '.join(TRIAL_KEYS)}"

@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 
 from melvae import track
+from melvae.adversary import adversary_metrics
 from melvae.device import resolve_device
 from melvae.model import MelVAE
 from melvae.params import select
@@ -20,7 +21,7 @@ from melvae.preprocess import Preprocessor
 from melvae.register import log_trial_model
 from melvae.study.config import StudyConfig, split_pair
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
-from melvae.study.scoring import EVAL_MAX_CELLS, SplitScores
+from melvae.study.scoring import EVAL_MAX_CELLS, SplitScores, metric_batches
 from melvae.study.selection import integration_metrics
 from melvae.train import EpochCallback, NonFiniteLossError
 
@@ -165,6 +166,9 @@ class Objective:
             metrics["best_val_loss"] = float(model.history.val_loss[model.history.best_epoch])
             metrics |= scores.bio() | scores.batch("val")
             metrics |= integration_metrics(metrics)
+            metrics |= adversary_metrics(
+                model, scores.latent("val"), metric_batches(self.data, "val")
+            )
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), track.LOSS_FILE)
             track.log_figure(

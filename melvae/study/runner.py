@@ -29,7 +29,7 @@ from melvae.preprocess import fit_preprocessor, split_cells
 from melvae.register import Registration, load_model, model_name, register_and_promote
 from melvae.study import workers
 from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
-from melvae.study.config import BATCH_OBJECTIVES, OBJECTIVE_METRICS, StudyConfig
+from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.identity import check_identity, stored_selection
 from melvae.study.objective import Objective, PreparedData, study_params
 from melvae.study.progress import trial_progress
@@ -384,12 +384,12 @@ def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) 
                 "skipped",
                 file=sys.stderr,
             )
-    needs_batches = [name for name in config.objectives if name in BATCH_OBJECTIVES]
+    needs_batches = config.needs_batch_key()
     if data.batch_key is None and needs_batches:
         raise InputError(
-            f"objective(s) {', '.join(needs_batches)} measure batch mixing, and the study has "
-            "no batch key",
-            where=f"{config.path} [objective] / [data] batch_key",
+            f"{', '.join(needs_batches)} need(s) batches (batch objectives measure their mixing, "
+            "batch_adversary_weight removes them), and the study has no batch key",
+            where=f"{config.path} [objective] / [model] / [search] / [data] batch_key",
             fix="set [data] batch_key (or run --batch-key) to the column naming each cell's "
             "patient or sample, or leave these objectives out",
         )
