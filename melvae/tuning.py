@@ -275,7 +275,10 @@ def start_workers(
     study = create_study(config, job.data.dataset_key, storage, heartbeat=job.run["heartbeat"])
     first = workers_.claim_workers(study, storage, plan.workers)
     workers_.pledge(study, storage, budget)
-    job = dataclasses.replace(job, registrar=first + 1)
+    if job.run.get("timeout") is None and job.config.timeout is None:
+        # All trials end before anyone summarises, so every process sees the same champion; a
+        # timeout may end them apart, and worker 0 then registers the one it chose.
+        job = dataclasses.replace(job, registrar=first + 1)
     try:
         with workers_.job_folder() as folder:
             path = workers_.write_job(job, folder)

@@ -251,7 +251,8 @@ class Job:
     data: PreparedData
     run: dict[str, Any]
     # The worker index that registers the champion once the trials are done, while worker 0
-    # scores it on test, runs the baselines and writes the report (`write_registration`).
+    # scores it on test, runs the baselines and writes the report (`write_registration`);
+    # None: worker 0 registers it.
     registrar: int | None = None
 
 
