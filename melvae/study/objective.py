@@ -185,6 +185,7 @@ class Objective:
             for name, value in metrics.items():
                 trial.set_user_attr(name, value)
             trial.set_user_attr(CURVE_ATTR, model.history.val_loss)
+            stop_if_terminated()  # a stop that arrived while it was scored stops it too
         metrics["val_loss"] = metrics["best_val_loss"]
         values = [metrics[name] for name in self.config.objectives]
         return values if self.config.multi_objective else values[0]
