@@ -1,10 +1,12 @@
-"""Where should the batch enter the VAE: the decoder only, or the encoder too?
+"""Where should the batch enter the VAE: the decoder only, or the encoder too? And what does an
+adversarial batch classifier on the latent (`batch_adversary_weight`) add to the decoder?
 
 On the shared melanoma T-cell subset (19 patients in obs["sample"]), for each seed: hold out
 20 % of the cells (stratified by cell type), fit the original experiment 3 (h256, z5, lr 1e-3,
 100 epochs, batch 32, early stopping) on the rest (85/15 train/validation) three ways, without a
 batch covariate, conditioned in the decoder (`batch_conditioning = "decoder"`) and in both
-(`"encoder_decoder"`), and score:
+(`"encoder_decoder"`), and conditioned in the decoder with an adversary of weight 10 or 30
+(`melvae.adversary`), and score:
 - bio conservation on the held-out cells: silhouette and k-means ARI of their labels, k-NN
   accuracy / macro F1 of a k-NN fitted on the training latent;
 - batch mixing of all cells' latent (batch ASW within cell types, iLISI, graph connectivity and
@@ -14,6 +16,7 @@ encoder needs no batch can embed them at all.
 
     python bench/batch_conditioning.py --seeds 0 1 2
     python bench/batch_conditioning.py --seeds 2 --protocols "held-out patients" --models decoder
+    python bench/batch_conditioning.py --models "no batch" decoder "adversary 10" "adversary 30"
 
 Each result is also printed (to stderr) as it comes, one line per seed, protocol and model.
 """
@@ -42,16 +45,22 @@ SUBSET = (
     / "data"
     / "sadefeldman2018_gse120575_tcells_subset.h5ad"
 )
-VARIANTS = {"no batch": None, "decoder": "decoder", "encoder_decoder": "encoder_decoder"}
+# Each variant's fitting keywords (none: no batch covariate).
+VARIANTS: dict[str, dict[str, object]] = {
+    "no batch": {},
+    "decoder": {"batch_key": "sample"},
+    "encoder_decoder": {"batch_key": "sample", "batch_conditioning": "encoder_decoder"},
+    "adversary 10": {"batch_key": "sample", "batch_adversary_weight": 10.0},
+    "adversary 30": {"batch_key": "sample", "batch_adversary_weight": 30.0},
+}
 EXPERIMENT_3 = {"hidden_dim": 256, "latent_dim": 5}
 HELD_OUT_PATIENTS = 4
 
 
-def _fit(train: ad.AnnData, conditioning: str | None, seed: int) -> MelVAE:
+def _fit(train: ad.AnnData, variant: dict[str, object], seed: int) -> MelVAE:
     fit, val = train_test_split(
         np.arange(train.n_obs), test_size=0.15, random_state=seed, stratify=train.obs["cell_type"]
     )
-    extra = {} if conditioning is None else {"batch_key": "sample"}
     return MelVAE.fit(
         train[np.sort(fit)],
         train[np.sort(val)],
@@ -59,9 +68,8 @@ def _fit(train: ad.AnnData, conditioning: str | None, seed: int) -> MelVAE:
         train=TrainConfig(epochs=100, batch_size=32, learning_rate=1e-3, seed=seed),
         label_key="cell_type",
         progress=False,
-        batch_conditioning=conditioning or "decoder",
         **EXPERIMENT_3,
-        **extra,
+        **variant,
     )
 
 

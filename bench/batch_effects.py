@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import logging
 import os
 import sys
@@ -43,6 +42,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from saved import save_result, saved_results
 from sklearn.model_selection import train_test_split
 
 import melvae
@@ -199,16 +199,13 @@ def one(
         "scores": scores,
         **info,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}-{seed}-{method}.json").write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(result, out, f"{split}-{seed}-{method}")
 
 
 def print_table(out: Path) -> None:
     """Mean ± sd over seeds of every saved result, methods side by side per split."""
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    results = saved_results(out)
     if not results:
-        print(f"no results under {out}")
         return
     frame = pd.DataFrame(
         [

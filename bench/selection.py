@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from saved import save_result, saved_results
 from sklearn.model_selection import train_test_split
 
 from melvae import metrics
@@ -167,16 +167,13 @@ def one_seed(
         "rows": rows,
         "noise": noise,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}-{seed}.json").write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(result, out, f"{name}-{seed}")
 
 
 def print_table(out: Path) -> None:
     """Means over seeds (and per-seed rows) of every saved result, methods side by side."""
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    results = saved_results(out)
     if not results:
-        print(f"no results under {out}")
         return
     records = [
         {"dataset": r["dataset"], "seed": r["seed"], "method": method, **scores}

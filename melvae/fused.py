@@ -4,7 +4,7 @@ For the shapes the default study trains (2,000 or 765 genes, hidden 64-512, batc
 cells) a step's arithmetic is a few matrix products, and autograd's bookkeeping of the ~20 nodes
 of the plain module (each Linear, norm, activation, the sample, the loss, the means and their
 sum) comes on top. `vae_loss` computes the same loss as `VAEModule.loss` as one autograd node,
-or, for the training loop's step (`step=True`), computes it and sets every weight's gradient
+and `train_step`, the training loop's step, computes it and sets every weight's gradient
 without autograd at all. Both use the products of `melvae.layers` (the arranged layouts for the
 gene-facing layers where `WideLinear` uses them), torch's own LayerNorm kernels and in-place
 element-wise passes.

@@ -80,6 +80,20 @@ def test_the_training_step_sets_the_gradients_of_the_total_loss(layout, architec
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
 
 
+def test_the_training_step_also_far_out() -> None:
+    """Logits up to 38 (a decoder grown large): the loss and gradients stay autograd's."""
+    module = _module()
+    with torch.no_grad():
+        module.decoder[-1].weight.mul_(200)
+    x = _x()
+    want_parts = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3))
+    want = torch.autograd.grad(want_parts.total, list(module.parameters()))
+    recon, _ = train_step(module, plan_of(module), x, 0.7, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(recon, want_parts.recon.detach() * len(x), rtol=1e-10, atol=1e-12)
+    for p, g in zip(module.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("architecture", COVERED)
 def test_loss_sums_are_the_loss_parts_summed_over_cells(architecture) -> None:
     module = _module(**architecture)

@@ -4,6 +4,8 @@ one is killed (SIGKILL) mid-trial and one stopped (SIGTERM) mid-trial; the next 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -19,6 +21,7 @@ from tests.workers import (
     runs_by_status,
     start_worker,
     wait_until_stale,
+    worker_env,
 )
 
 State = optuna.trial.TrialState
@@ -117,3 +120,56 @@ def test_no_trial_or_run_is_left_running(crashes):
     states = {t.state for t in crashes["trials"]}
     assert not states & {State.RUNNING, State.WAITING}
     assert "RUNNING" not in runs_by_status(crashes["tracking"])
+
+
+# A worker whose SIGTERM arrives while Python runs a garbage collector's callback (as it did in
+# SQLAlchemy's weakref callback): the handler's exception is printed as "Exception ignored" and
+# dropped. SIGUSR1 from the test arms the trap once a trial runs.
+SIGTERM_IN_A_FINALIZER = """
+import gc, os, signal, sys
+from melvae.study.__main__ import main
+armed = []
+signal.signal(signal.SIGUSR1, lambda *_: armed.append(True))
+def collecting(phase, info):
+    if phase == "start" and armed:
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the SIGTERM handler runs here, inside the collector's callback
+            pass
+gc.callbacks.append(collecting)
+sys.exit(main(["run", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_whose_exception_a_finalizer_swallowed_still_stops_the_trial(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(SIGTERM_IN_A_FINALIZER)
+    log = (tmp_path / "w.log").open("w")
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            "--workers",
+            "1",
+            "--n-trials",
+            "2",
+            *QUICK,
+            "--epochs",
+            "300",
+        ],
+        cwd=tmp_path,
+        env=worker_env(tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    trial, _ = running_trial(storage)
+    run.send_signal(signal.SIGUSR1)
+    assert run.wait(timeout=300) == 143, output(tmp_path, "w")[-3000:]
+    assert "Exception ignored" in output(tmp_path, "w"), "the first exception was swallowed"
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[trial] == State.FAIL and State.RUNNING not in states.values()
+    waiting = [t.user_attrs for t in study.trials if t.state == State.WAITING]
+    assert [a["requeued_from"] for a in waiting if "requeued_from" in a] == [trial]

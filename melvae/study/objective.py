@@ -21,6 +21,7 @@ from melvae.preprocess import Preprocessor
 from melvae.register import log_trial_model
 from melvae.study.config import StudyConfig, split_pair
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
+from melvae.study.recovery import stop_if_terminated
 from melvae.study.scoring import EVAL_MAX_CELLS, SplitScores, metric_batches
 from melvae.study.selection import integration_metrics
 from melvae.train import EpochCallback, NonFiniteLossError
@@ -192,6 +193,7 @@ class Objective:
         curves = track.EpochMetrics()
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            stop_if_terminated()
             curves.log(metrics, step=epoch)
             self.pruning.check(trial, epoch, metrics["val_loss"])
 

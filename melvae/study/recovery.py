@@ -7,10 +7,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -29,12 +31,33 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
+# Set when SIGTERM arrives, cleared when a trial has been stopped by it. A signal handled while
+# Python runs a finalizer or a weakref callback (SQLAlchemy's, during a garbage collection)
+# has its exception printed as "Exception ignored" and dropped, and the trial would train on:
+# `stop_if_terminated` raises it again at the next safe point.
+_terminated = threading.Event()
+
+
+def terminate() -> NoReturn:
+    """Stop this process's work on SIGTERM: raise `Terminated` now, and again at the next
+    `stop_if_terminated` should this one be lost."""
+    _terminated.set()
+    raise Terminated()
+
+
+def stop_if_terminated() -> None:
+    """Raise `Terminated` if a SIGTERM came whose exception was lost (see `_terminated`);
+    called between epochs and between trials."""
+    if _terminated.is_set():
+        raise Terminated()
+
+
 def stop_cleanly_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler or `kill` stopping the worker) into an orderly interrupt, and
     keep an interrupt's traceback out of Optuna's "trial failed" line: stopping is no crash."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated()
+        terminate()
 
     signal.signal(signal.SIGTERM, handler)
     logging.getLogger("optuna.study._optimize").addFilter(_drop_interrupt_traceback)
@@ -61,6 +84,7 @@ def requeue_when_stopped(
         try:
             return objective(trial)
         except KeyboardInterrupt:
+            _terminated.clear()  # delivered: this trial is stopped
             trial.study.enqueue_trial(
                 trial.params, user_attrs={**trial.user_attrs, "requeued_from": trial.number}
             )

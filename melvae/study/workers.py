@@ -48,7 +48,7 @@ import optuna
 from melvae.register import Registration
 from melvae.study.config import StudyConfig
 from melvae.study.objective import PreparedData
-from melvae.study.recovery import Terminated, process_alive
+from melvae.study.recovery import process_alive, stop_if_terminated, terminate
 from melvae.study.storage import first_time_lock
 
 # A model whose two gene-facing layers hold at least this many weights trains in one process
@@ -196,6 +196,7 @@ def optimize_within_budget(
     ran, done = 0, False
     try:
         while deadline is None or time.monotonic() < deadline:
+            stop_if_terminated()
             lock = contextlib.ExitStack()
             lock.enter_context(first_time_lock(storage))
             try:
@@ -370,7 +371,7 @@ def crew(job: Path, *, workers: int, threads: int, first_index: int) -> Iterator
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:  # stop this process's trial too, as `run` does
-            raise Terminated()
+            terminate()
 
     if in_main_thread:
         signal.signal(signal.SIGTERM, forward)
