@@ -67,7 +67,34 @@ def test_fused_loss_and_its_gradients_equal_autograds_on_the_plain_module(
 
 @pytest.mark.parametrize("architecture", COVERED)
 def test_the_training_step_sets_the_gradients_of_the_total_loss(layout, architecture) -> None:
+    _assert_step_sets_autograds_gradients(_module(**architecture))
+
+
+@pytest.mark.parametrize("architecture", COVERED)
+def test_a_step_writes_its_gradients_over_the_last_steps(layout, architecture) -> None:
+    """The Linear layers' gradients land in the tensors the last step left in `.grad`, and
+    equal autograd's for the new batch (nothing of the old one left in them)."""
     module = _module(**architecture)
+    train_step(module, plan_of(module), _x(5) * 0.5, 0.2, torch.Generator().manual_seed(4))
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [p for m in linears for p in (m.weight, m.bias)]
+    kept = [p.grad for p in weights]
+    _assert_step_sets_autograds_gradients(module)
+    assert all(p.grad is k for p, k in zip(weights, kept, strict=True))
+
+
+def test_a_gradient_that_cannot_be_written_over_is_replaced() -> None:
+    """A strided `.grad` (not contiguous) or one inside autograd gets a new tensor."""
+    module = _module()
+    strided = torch.zeros(11, 6, dtype=torch.float64).t()
+    tracked = torch.zeros(11, dtype=torch.float64, requires_grad=True)
+    module.encoder[0].weight.grad, module.decoder[-1].bias.grad = strided, tracked
+    _assert_step_sets_autograds_gradients(module)
+    assert module.encoder[0].weight.grad is not strided and not strided.any()
+    assert module.decoder[-1].bias.grad is not tracked and not tracked.any()
+
+
+def _assert_step_sets_autograds_gradients(module: VAEModule) -> None:
     x = _x()
     torch.manual_seed(5)
     want_parts = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3))
