@@ -8,7 +8,14 @@ import torch
 
 import melvae.layers
 import melvae.train
-from melvae.fused import loss_sums, plan_of, softplus_sum, train_step, vae_loss
+from melvae.fused import (
+    loss_sums,
+    plan_of,
+    softplus_sum,
+    softplus_sum_and_sigmoid,
+    train_step,
+    vae_loss,
+)
 from melvae.module import VAEModule
 from melvae.train import TrainConfig, train_vae
 
@@ -136,11 +143,15 @@ def test_loss_sums_are_the_loss_parts_summed_over_cells(architecture) -> None:
 
 @pytest.mark.parametrize("cells", [7, 64, 300], ids=["remainder-only", "one-run", "runs-and-rest"])
 def test_softplus_sum_is_the_sum_of_softplus_also_far_out(cells) -> None:
-    """Logits from -100 to 100: the products of 1 + exp(-|l|) neither overflow nor lose digits."""
+    """Logits from -100 to 100: the products of max(p, 1 - p) neither underflow nor lose digits,
+    and the sigmoid comes with the sum."""
     logits = torch.linspace(-100, 100, cells * 11, dtype=torch.float64).reshape(cells, 11)
     want = torch.nn.functional.softplus(logits).sum()
-    torch.testing.assert_close(softplus_sum(logits), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(softplus_sum(logits.float()), want.float(), rtol=1e-6, atol=1e-5)
+    for dtype, rtol, atol in [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-6, 1e-5)]:
+        got, probs = softplus_sum_and_sigmoid(logits.to(dtype))
+        torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)
+        torch.testing.assert_close(probs, torch.sigmoid(logits.to(dtype)), rtol=0, atol=0)
+        torch.testing.assert_close(softplus_sum(logits.to(dtype)), got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
