@@ -73,7 +73,7 @@ def loss_curves(history: LossHistory) -> Figure:
         )
     best = history.best_epoch + 1  # epochs are shown 1-based
     # Fixed margins rather than a layout engine: with one, saving draws the figure twice, and
-    # this figure (one per trial) took 0.45 s to save that way and 0.2 s so (bench/figures.py).
+    # this figure (one per trial) took 0.45 s to save that way, 0.2 s so (bench/study_overheads).
     # They leave room for 6-character tick labels beside each panel's y label.
     fig = Figure(figsize=(12, 3.6))
     fig.subplots_adjust(**_LOSS_MARGINS)

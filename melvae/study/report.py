@@ -137,7 +137,8 @@ def tsne_grid(panels: Sequence[Panel]) -> Figure:
     columns = min(_GRID_COLUMNS, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
     # Fixed margins, no layout engine: with one, saving draws the grid twice (it was 1.1 s of
-    # the report's 2.8 s). Each panel is 4.2 x 3.6 inches, its three title lines above it.
+    # the report's 2.8 s; bench/study_overheads.py). Each panel is 4.2 x 3.6 inches, its three
+    # title lines above it.
     width, height = 4.2 * columns, 3.6 * rows
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(
