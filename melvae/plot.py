@@ -54,7 +54,7 @@ def _log_scale_if_wide(ax: Axes, values: np.ndarray) -> None:
 
 
 # The loss figure's panel margins (fractions of its 12 × 3.6 inches); the legend sits above.
-_LOSS_MARGINS = {"left": 0.065, "right": 0.99, "bottom": 0.14, "top": 0.8, "wspace": 0.32}
+_LOSS_MARGINS = {"left": 0.075, "right": 0.99, "bottom": 0.14, "top": 0.8, "wspace": 0.34}
 
 
 def loss_curves(history: LossHistory) -> Figure:

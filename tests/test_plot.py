@@ -4,6 +4,7 @@ import itertools
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.style
 import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -66,14 +67,16 @@ def test_loss_curves_log_scale_only_for_wide_positive_ranges():
     assert kl.get_yscale() == "linear"  # positive, but narrow
 
 
+@pytest.mark.parametrize("style", ["default", "ggplot"])  # ggplot: what Optuna's plots set
 @pytest.mark.parametrize("scale", [1.0, 1e5, 1e-4])
-def test_loss_curves_fixed_margins_fit_their_labels(scale):
+def test_loss_curves_fixed_margins_fit_their_labels(scale, style):
     """Without a layout engine, every label stays inside the figure, no panel's labels reach into
     its neighbour and the legend sits above the titles, for small and 6-digit losses alike."""
     h = history(n=150, best=100)
     h.train_recon = h.val_recon = [scale * v for v in h.train_recon]
     h.train_loss = h.val_loss = [scale * v for v in h.train_loss]
-    fig = plot.loss_curves(h)
+    with matplotlib.style.context(style):
+        fig = plot.loss_curves(h)
     assert fig.get_layout_engine() is None  # saving draws it once
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)

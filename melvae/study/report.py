@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import matplotlib.image
 import matplotlib.pyplot as plt
 import mlflow
@@ -308,7 +309,8 @@ def study_report(
     if config.multi_objective and trials:
         figures.append(("Pareto front", _png(pareto_figure(trials, config, champion, baselines))))
     if trials:
-        figures += [(title, _png(figure)) for title, figure in _study_figures(study, config)]
+        with matplotlib.rc_context():  # Optuna's plots set the ggplot style process-wide
+            figures += [(title, _png(figure)) for title, figure in _study_figures(study, config)]
     table = comparison(parent_run_id, baselines)
     page = _page(study, config, champion, panels, figures, table)
     return Report(
