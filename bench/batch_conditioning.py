@@ -63,6 +63,25 @@ VARIANTS: dict[str, dict[str, object]] = {
         }
         for weight in (10.0, 30.0, 100.0)
     },
+    **{
+        f"adversary {adv:g} + label head {head:g}": {
+            "batch_key": "sample",
+            "batch_adversary_weight": adv,
+            "label_classifier_weight": head,
+        }
+        for adv in (10.0, 30.0, 100.0)
+        for head in (1.0, 10.0)
+    },
+    **{
+        f"label adversary {adv:g} + label head {head:g}": {
+            "batch_key": "sample",
+            "batch_adversary_weight": adv,
+            "batch_adversary_conditioning": "label",
+            "label_classifier_weight": head,
+        }
+        for adv in (30.0, 100.0)
+        for head in (10.0, 30.0)
+    },
 }
 EXPERIMENT_3 = {"hidden_dim": 256, "latent_dim": 5}
 HELD_OUT_PATIENTS = 4

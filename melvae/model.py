@@ -236,8 +236,7 @@ class MelVAE:
         """The per-cell codes training gives the module: the batch codes, with the label codes
         as a second column for an adversary that reads labels (`melvae.adversary`)."""
         codes = self.batch_codes(adata, what=what)
-        adversary = self.module.adversary
-        if adversary is None or not adversary.reads_labels:
+        if not self.module.reads_labels:
             return codes
         labels = label_codes(adata.obs[self.label_key].to_numpy(), self.label_names)
         return np.column_stack([codes, labels])

@@ -34,6 +34,7 @@ from torch import nn
 from melvae import params
 from melvae.adversary import BatchAdversary
 from melvae.errors import InputError
+from melvae.label_head import LabelHead
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
 from melvae.losses import sample_and_kl
@@ -110,6 +111,7 @@ class VAEModule(nn.Module):
         conditioning = block.pop("batch_conditioning")
         adversary_weight = block.pop("batch_adversary_weight")
         adversary_reads = block.pop("batch_adversary_conditioning")
+        label_weight = block.pop("label_classifier_weight")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
@@ -158,6 +160,25 @@ class VAEModule(nn.Module):
                 adversary_weight,
                 n_labels=n_labels if adversary_reads == "label" else 0,
             )
+        if label_weight > 0 and (n_labels == 0 or n_batches == 0):
+            raise InputError(
+                f"label_classifier_weight = {label_weight}: a cell-type classifier on the latent "
+                "needs batches and cell-type labels, and this module lacks them",
+                where="VAEModule",
+                fix="give a batch key and the training cells' labels (MelVAE.fit(batch_key=..., "
+                "label_key=...)), or leave label_classifier_weight at 0",
+            )
+        # Created after every other weight: without it the module is drawn exactly as before.
+        self.label_head = (
+            LabelHead(latent_dim, n_labels, label_weight) if label_weight > 0 else None
+        )
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether training gives this module each cell's label code (next to its batch code)."""
+        return self.label_head is not None or (
+            self.adversary is not None and self.adversary.reads_labels
+        )
 
     @property
     def encoder_conditioned(self) -> bool:
@@ -226,6 +247,8 @@ class VAEModule(nn.Module):
         total = recon + kl_weight * kl
         if self.adversary is not None and self.training:
             total = total + self.adversary.gradient_only(mu, batch, labels)
+        if self.label_head is not None and self.training:
+            total = total + self.label_head.gradient_only(mu, labels)
         return LossParts(total, recon, kl)
 
 
