@@ -96,8 +96,17 @@ def test_none_is_the_adversary_of_before_and_weight_0_creates_nothing():
 def test_refused_without_labels():
     with pytest.raises(InputError, match="no cell-type labels"):
         _module(0, batch_adversary_weight=5.0, **LABEL)
+    with pytest.raises(InputError, match="label_classifier_weight"):
+        _module(0, label_classifier_weight=1.0)
     config = load_study_config()
     assert config.needs_label_key() == []
+    # A batch-keyed study searches both; on data without labels it drops them, no more.
+    batched = config.with_batch_key("sample")
+    label_dims = {"batch_adversary_conditioning", "label_classifier_weight"}
+    assert label_dims <= {p.name for p in batched.search}
+    unlabelled = batched.without_label_search()
+    assert {p.name for p in batched.search} - {p.name for p in unlabelled.search} == label_dims
+    assert not any(label_dims & set(trial) for trial in unlabelled.seed_trials)
 
 
 def test_none_trains_bit_for_bit_as_before(patients):  # noqa: F811

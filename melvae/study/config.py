@@ -142,6 +142,18 @@ class StudyConfig:
             ),
         )
 
+    def without_label_search(self) -> StudyConfig:
+        """This study without the `[batch_search.*]` dimensions that need cell-type labels
+        (declared `needs_label_key`): for data without labels, which they cannot use."""
+        dropped = {p.name for p in self.batch_search if PARAMS[p.name].needs_label_key}
+        return replace(
+            self,
+            search=tuple(p for p in self.search if p.name not in dropped),
+            seed_trials=tuple(
+                {k: v for k, v in trial.items() if k not in dropped} for trial in self.seed_trials
+            ),
+        )
+
     def needs_batch_key(self) -> list[str]:
         """What in this study needs a batch key: batch objectives, and parameters declared
         `needs_batch_key` that are searched or fixed away from their default."""
