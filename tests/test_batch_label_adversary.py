@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from melvae.adversary import BatchAdversary, adversary_metrics, label_codes
 from melvae.errors import InputError
+from melvae.label_head import LabelHead
 from melvae.model import MelVAE
 from melvae.module import VAEModule
 from melvae.study.__main__ import main
@@ -163,3 +164,21 @@ def test_saved_reloaded_it_encodes_an_unseen_patient_without_labels(patients, tm
         labels=val.obs["cell_type"].to_numpy(),
     )
     assert 0 <= logged["val_adversary_accuracy"] <= 1
+
+
+def test_the_label_head_pulls_the_encoder_towards_the_labels_and_skips_unknown_ones():
+    torch.manual_seed(0)
+    head = LabelHead(latent_dim=4, n_labels=3, weight=2.0)
+    mu = torch.randn(8, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 3, 0, 1, 2])  # 3: no known label
+    head.loss(mu, labels).backward()
+    known = labels < 3
+    mu_grad = mu.grad.clone()
+    mu.grad = None
+    (2.0 * F.cross_entropy(head.classifier(mu[known]), labels[known])).backward()
+    # Not reversed: the encoder descends the classifier's loss; unknown cells get no gradient.
+    torch.testing.assert_close(mu_grad, mu.grad)
+    assert torch.equal(mu_grad[~known], torch.zeros(2, 4))
+    # A minibatch without any known label adds nothing (and no NaN).
+    assert head.loss(mu, torch.full((8,), 3)).item() == 0.0
+    assert head.gradient_only(mu, labels).item() == 0.0
