@@ -56,10 +56,13 @@ def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight.t() @ grad.t()).t()
 
 
-def weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad^T x (out × in), computed in blocks of `GENE_BLOCK` along its wider side."""
+def weight_gradient(
+    grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grad^T x (out × in), computed in blocks of `GENE_BLOCK` along its wider side, written into
+    `out` (a contiguous out × in tensor) if given, else into a new tensor."""
     n_out, n_in = grad.shape[1], x.shape[1]
-    result = torch.empty(n_out, n_in, dtype=grad.dtype, device=grad.device)
+    result = torch.empty(n_out, n_in, dtype=grad.dtype, device=grad.device) if out is None else out
     if n_out >= n_in:
         for start in range(0, n_out, GENE_BLOCK):
             rows = slice(start, start + GENE_BLOCK)

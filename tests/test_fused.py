@@ -8,7 +8,14 @@ import torch
 
 import melvae.layers
 import melvae.train
-from melvae.fused import loss_sums, plan_of, softplus_sum, train_step, vae_loss
+from melvae.fused import (
+    loss_sums,
+    plan_of,
+    softplus_sum,
+    softplus_sum_and_sigmoid,
+    train_step,
+    vae_loss,
+)
 from melvae.module import VAEModule
 from melvae.train import TrainConfig, train_vae
 
@@ -67,7 +74,34 @@ def test_fused_loss_and_its_gradients_equal_autograds_on_the_plain_module(
 
 @pytest.mark.parametrize("architecture", COVERED)
 def test_the_training_step_sets_the_gradients_of_the_total_loss(layout, architecture) -> None:
+    _assert_step_sets_autograds_gradients(_module(**architecture))
+
+
+@pytest.mark.parametrize("architecture", COVERED)
+def test_a_step_writes_its_gradients_over_the_last_steps(layout, architecture) -> None:
+    """The Linear layers' gradients land in the tensors the last step left in `.grad`, and
+    equal autograd's for the new batch (nothing of the old one left in them)."""
     module = _module(**architecture)
+    train_step(module, plan_of(module), _x(5) * 0.5, 0.2, torch.Generator().manual_seed(4))
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [p for m in linears for p in (m.weight, m.bias)]
+    kept = [p.grad for p in weights]
+    _assert_step_sets_autograds_gradients(module)
+    assert all(p.grad is k for p, k in zip(weights, kept, strict=True))
+
+
+def test_a_gradient_that_cannot_be_written_over_is_replaced() -> None:
+    """A strided `.grad` (not contiguous) or one inside autograd gets a new tensor."""
+    module = _module()
+    strided = torch.zeros(11, 6, dtype=torch.float64).t()
+    tracked = torch.zeros(11, dtype=torch.float64, requires_grad=True)
+    module.encoder[0].weight.grad, module.decoder[-1].bias.grad = strided, tracked
+    _assert_step_sets_autograds_gradients(module)
+    assert module.encoder[0].weight.grad is not strided and not strided.any()
+    assert module.decoder[-1].bias.grad is not tracked and not tracked.any()
+
+
+def _assert_step_sets_autograds_gradients(module: VAEModule) -> None:
     x = _x()
     torch.manual_seed(5)
     want_parts = module.loss(x, 0.7, generator=torch.Generator().manual_seed(3))
@@ -109,11 +143,15 @@ def test_loss_sums_are_the_loss_parts_summed_over_cells(architecture) -> None:
 
 @pytest.mark.parametrize("cells", [7, 64, 300], ids=["remainder-only", "one-run", "runs-and-rest"])
 def test_softplus_sum_is_the_sum_of_softplus_also_far_out(cells) -> None:
-    """Logits from -100 to 100: the products of 1 + exp(-|l|) neither overflow nor lose digits."""
+    """Logits from -100 to 100: the products of max(p, 1 - p) neither underflow nor lose digits,
+    and the sigmoid comes with the sum."""
     logits = torch.linspace(-100, 100, cells * 11, dtype=torch.float64).reshape(cells, 11)
     want = torch.nn.functional.softplus(logits).sum()
-    torch.testing.assert_close(softplus_sum(logits), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(softplus_sum(logits.float()), want.float(), rtol=1e-6, atol=1e-5)
+    for dtype, rtol, atol in [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-6, 1e-5)]:
+        got, probs = softplus_sum_and_sigmoid(logits.to(dtype))
+        torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)
+        torch.testing.assert_close(probs, torch.sigmoid(logits.to(dtype)), rtol=0, atol=0)
+        torch.testing.assert_close(softplus_sum(logits.to(dtype)), got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
