@@ -53,7 +53,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad W (cells × in), computed as (W^T grad^T)^T."""
-    return (weight.t() @ grad.t()).t()
+    return torch.mm(weight.t(), grad.t()).t()
 
 
 def weight_gradient(
