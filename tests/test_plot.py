@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.style
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from melvae import plot
@@ -62,6 +65,32 @@ def test_loss_curves_log_scale_only_for_wide_positive_ranges():
     assert total.get_yscale() == "log"  # wide, positive
     assert recon.get_yscale() == "linear"  # wide, but not positive
     assert kl.get_yscale() == "linear"  # positive, but narrow
+
+
+@pytest.mark.parametrize("style", ["default", "ggplot"])  # ggplot: what Optuna's plots set
+@pytest.mark.parametrize("scale", [1.0, 1e5, 1e-4])
+def test_loss_curves_fixed_margins_fit_their_labels(scale, style):
+    """Without a layout engine, every label stays inside the figure, no panel's labels reach into
+    its neighbour and the legend sits above the titles, for small and 6-digit losses alike."""
+    h = history(n=150, best=100)
+    h.train_recon = h.val_recon = [scale * v for v in h.train_recon]
+    h.train_loss = h.val_loss = [scale * v for v in h.train_loss]
+    with matplotlib.style.context(style):
+        fig = plot.loss_curves(h)
+    assert fig.get_layout_engine() is None  # saving draws it once
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    inside = fig.bbox
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+    for box in boxes:
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1
+        assert inside.y0 <= box.y0 and box.y1 <= inside.y1
+    for left, right in itertools.pairwise(boxes):
+        assert left.x1 < right.x0
+    [legend] = fig.legends
+    legend_box = legend.get_window_extent(renderer)
+    assert legend_box.y1 <= inside.y1
+    assert all(legend_box.y0 > ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
 
 
 def test_loss_curves_rejects_empty_history():

@@ -1,0 +1,135 @@
+"""The per-trial and end-of-study costs that are not training, before and after, side by side.
+
+Each row times one thing two ways in this one process, back to back: as melvae did it before
+(the figure with the constrained layout engine, which makes saving draw it twice; the Optuna
+SQLite file in its default rollback journal) and as it does now (fixed margins; write-ahead log
+synced at checkpoints, `melvae.study.storage.open_storage`), and prints the ratio.
+
+    python bench/study_overheads.py [--repeats 3] [--writes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import numpy as np
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(function: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Mean wall and CPU seconds of `function` over `repeats` calls, after one warm-up call."""
+    function()
+    wall, cpu = time.perf_counter(), _cpu()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - wall) / repeats, (_cpu() - cpu) / repeats
+
+
+def _save(figure) -> int:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return len(buffer.getvalue())
+
+
+def _history(epochs: int = 150) -> SimpleNamespace:
+    """A loss history shaped like a default-study trial's (wide reconstruction, narrow KL)."""
+    e = np.arange(1, epochs + 1)
+    recon = list(2000 * np.exp(-e / 10) + 300)
+    kl = list(20 - 5 * np.exp(-e / 30))
+    total = [r + k for r, k in zip(recon, kl, strict=True)]
+    return SimpleNamespace(
+        train_loss=total, val_loss=total, train_recon=recon, train_kl=kl, val_recon=recon,
+        val_kl=kl, best_epoch=epochs - 20,
+    )  # fmt: skip
+
+
+def _with_engine(figure):
+    figure.set_layout_engine("constrained")
+    return figure
+
+
+def figures(repeats: int) -> list[tuple[str, float, float, float, float]]:
+    from melvae.plot import loss_curves, tsne_embedding
+    from melvae.study import report
+
+    history = _history()
+    rows = [
+        (
+            "loss figure (one per trial), save s",
+            *_timed(lambda: _save(_with_engine(loss_curves(history))), repeats),
+            *_timed(lambda: _save(loss_curves(history)), repeats),
+        )
+    ]
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["B", "T.CD4", "T.CD8", "NK", "Macrophage"], 105)
+    panels = []
+    for number in range(14):  # the default study's completed trials
+        latent = rng.normal(size=(105, 8)) + 3 * (labels[:, None] == "B")
+        buffer = io.BytesIO()
+        tsne_embedding(latent, labels, title=f"trial {number}").savefig(buffer, format="png")
+        caption = "hidden 512 × 2, latent 12, lr 3.1e-03, 200 epochs run; val_loss 303.7, bio 0.66"
+        panels.append(report.Panel(number, f"trial {number}", caption, buffer.getvalue(), False))
+    rows.append(
+        (
+            "report t-SNE grid (14 trials), build+save s",
+            *_timed(lambda: report._png(_with_engine(report.tsne_grid(panels))), repeats),
+            *_timed(lambda: report._png(report.tsne_grid(panels), laid_out=True), repeats),
+        )
+    )
+    return rows
+
+
+def storage(writes: int, repeats: int) -> tuple[str, float, float, float, float]:
+    import optuna
+
+    from melvae.study.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore")
+
+    def per_write(make: Callable[[str], optuna.storages.BaseStorage]) -> tuple[float, float]:
+        walls, cpus = [], []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory(dir=os.getcwd()) as folder:
+                study = optuna.create_study(storage=make(f"sqlite:///{folder}/optuna.db"))
+                trial = study.ask()
+                wall, cpu = time.perf_counter(), _cpu()
+                for i in range(writes):
+                    trial.set_user_attr(f"metric_{i}", float(i))
+                walls.append((time.perf_counter() - wall) / writes)
+                cpus.append((_cpu() - cpu) / writes)
+        return float(np.mean(walls)), float(np.mean(cpus))
+
+    before = per_write(lambda url: optuna.storages.RDBStorage(url))
+    after = per_write(lambda url: open_storage(url))
+    return ("Optuna SQLite write (~35 a trial), ms", *(1e3 * v for v in (*before, *after)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--writes", type=int, default=60)
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    rows = [*figures(args.repeats), storage(args.writes, args.repeats)]
+    print(f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; wall (CPU)")
+    print(f"{'':46s}{'before':>16s}{'after':>16s}{'after/before':>16s}")
+    for name, wall0, cpu0, wall1, cpu1 in rows:
+        ratio = f"{wall1 / wall0:.2f} ({cpu1 / cpu0:.2f})"
+        print(f"{name:46s}{wall0:>8.3f} ({cpu0:.3f}){wall1:>8.3f} ({cpu1:.3f}){ratio:>16s}")
+
+
+if __name__ == "__main__":
+    main()
