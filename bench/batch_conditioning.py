@@ -6,7 +6,9 @@ On the shared melanoma T-cell subset (19 patients in obs["sample"]), for each se
 100 epochs, batch 32, early stopping) on the rest (85/15 train/validation) three ways, without a
 batch covariate, conditioned in the decoder (`batch_conditioning = "decoder"`) and in both
 (`"encoder_decoder"`), and conditioned in the decoder with an adversary of weight 10 or 30
-(`melvae.adversary`), and score:
+(`melvae.adversary`), or with an adversary that also reads the cell-type label
+(`batch_adversary_conditioning = "label"`: the patient removed within cell types) of weight
+10, 30 or 100, and score:
 - bio conservation on the held-out cells: silhouette and k-means ARI of their labels, k-NN
   accuracy / macro F1 of a k-NN fitted on the training latent;
 - batch mixing of all cells' latent (batch ASW within cell types, iLISI, graph connectivity and
@@ -17,6 +19,7 @@ encoder needs no batch can embed them at all.
     python bench/batch_conditioning.py --seeds 0 1 2
     python bench/batch_conditioning.py --seeds 2 --protocols "held-out patients" --models decoder
     python bench/batch_conditioning.py --models "no batch" decoder "adversary 10" "adversary 30"
+    python bench/batch_conditioning.py --models "label adversary 10" "label adversary 30"
 
 Each result is also printed (to stderr) as it comes, one line per seed, protocol and model.
 """
@@ -52,6 +55,33 @@ VARIANTS: dict[str, dict[str, object]] = {
     "encoder_decoder": {"batch_key": "sample", "batch_conditioning": "encoder_decoder"},
     "adversary 10": {"batch_key": "sample", "batch_adversary_weight": 10.0},
     "adversary 30": {"batch_key": "sample", "batch_adversary_weight": 30.0},
+    **{
+        f"label adversary {weight:g}": {
+            "batch_key": "sample",
+            "batch_adversary_weight": weight,
+            "batch_adversary_conditioning": "label",
+        }
+        for weight in (10.0, 30.0, 100.0)
+    },
+    **{
+        f"adversary {adv:g} + label head {head:g}": {
+            "batch_key": "sample",
+            "batch_adversary_weight": adv,
+            "label_classifier_weight": head,
+        }
+        for adv in (10.0, 30.0, 100.0)
+        for head in (1.0, 10.0)
+    },
+    **{
+        f"label adversary {adv:g} + label head {head:g}": {
+            "batch_key": "sample",
+            "batch_adversary_weight": adv,
+            "batch_adversary_conditioning": "label",
+            "label_classifier_weight": head,
+        }
+        for adv in (30.0, 100.0)
+        for head in (10.0, 30.0)
+    },
 }
 EXPERIMENT_3 = {"hidden_dim": 256, "latent_dim": 5}
 HELD_OUT_PATIENTS = 4

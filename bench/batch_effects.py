@@ -146,9 +146,15 @@ def champion(
         "n_trials": n_trials,
         "trials": len(result.study.trials),
         "champion_params": result.champion_trial.params,
-        # Every completed trial: its adversary weight and objective values (val_loss first).
+        # Every completed trial: its adversary weight, what the adversary reads, the label
+        # classifier's weight and the objective values (val_loss first).
         "trials_values": [
-            [t.params.get("batch_adversary_weight", 0.0), *t.values]
+            [
+                t.params.get("batch_adversary_weight", 0.0),
+                t.params.get("batch_adversary_conditioning", "none"),
+                t.params.get("label_classifier_weight", 0.0),
+                *t.values,
+            ]
             for t in result.study.trials
             if t.values is not None
         ],

@@ -20,6 +20,15 @@ The term changes the gradients, never a loss value: it enters the training loss 
 remain the negative ELBO. The adversary is logged on its own (`adversary_metrics`: the trained
 classifier's cross-entropy and accuracy on validation cells).
 
+With `batch_adversary_conditioning = "label"` the classifier also reads each cell's cell-type
+label as a one-hot code ([mu, one-hot(label)] -> batch; one extra "unknown" slot for cells
+without a label or with one the training cells lack). Patients differ in cell-type composition,
+so a plain adversary, which can read a patient off the cell type, pushes cell-type structure out
+of the latent with the patient; a classifier that is given the cell type learns only what `mu`
+says about the patient *beyond* it, and the encoder is pushed to remove only that: the patient
+within each cell type, what scib's batch ASW measures. The labels are given to the classifier,
+never to the encoder, and only while training: encoding needs no label.
+
 The saved model keeps the classifier: `melvae.json` records the weight, so `load` rebuilds the
 same module and its state loads whole; encoding never uses it (cells of an unseen patient
 encode as without it), and its accuracy stays a diagnostic of how much batch the latent holds.
@@ -34,6 +43,8 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from melvae.errors import InputError
 
 HIDDEN = 32  # scvi-tools' adversarial classifier: 2 hidden layers of 32
 
@@ -74,50 +85,106 @@ class BatchAdversary(nn.Module):
         Batches it tells apart (>= 2).
     weight
         Weight of its cross-entropy in the gradients (> 0).
+    n_labels
+        Cell-type labels it also reads, one-hot, next to the latent (0: none); the classifier
+        has one slot more, `n_labels`, for cells without a known label (`label_codes`).
     """
 
-    def __init__(self, latent_dim: int, n_batches: int, weight: float) -> None:
+    def __init__(self, latent_dim: int, n_batches: int, weight: float, n_labels: int = 0) -> None:
         super().__init__()
         self.weight = weight
+        self.label_slots = n_labels + 1 if n_labels else 0
         self.classifier = nn.Sequential(
-            nn.Linear(latent_dim, HIDDEN),
+            nn.Linear(latent_dim + self.label_slots, HIDDEN),
             nn.ReLU(),
             nn.Linear(HIDDEN, HIDDEN),
             nn.ReLU(),
             nn.Linear(HIDDEN, n_batches),
         )
 
-    def loss(self, mu: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        """Weighted cross-entropy of the classifier on `mu`, with the gradient to `mu` reversed:
-        descending it trains the classifier to predict `batch` and the encoder to defeat it."""
-        return self.weight * F.cross_entropy(self.classifier(reverse_gradient(mu)), batch)
+    @property
+    def reads_labels(self) -> bool:
+        """Whether the classifier reads cell-type label codes next to the latent."""
+        return self.label_slots > 0
 
-    def gradient_only(self, mu: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        """`loss(mu, batch)` as a term whose value is exactly 0: added to the negative ELBO it
-        leaves the value as it is and adds the adversary's gradients."""
-        term = self.loss(mu, batch)
+    def logits(self, mu: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch logits for latent codes `mu` (and, for a classifier that reads them, the
+        cells' label codes `labels`, int64, `n_labels` = unknown)."""
+        if not self.reads_labels:
+            return self.classifier(mu)
+        if labels is None:
+            raise InputError(
+                "this batch adversary reads cell-type labels, and none were given",
+                where="BatchAdversary",
+                fix="pass each cell's label code (MelVAE.fit does so from its label_key)",
+            )
+        one_hot = F.one_hot(labels, self.label_slots).to(mu.dtype)
+        return self.classifier(torch.cat([mu, one_hot], dim=1))
+
+    def loss(
+        self, mu: torch.Tensor, batch: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Weighted cross-entropy of the classifier on `mu` (and `labels`), with the gradient
+        to `mu` reversed: descending it trains the classifier to predict `batch` and the
+        encoder to defeat it."""
+        return self.weight * F.cross_entropy(self.logits(reverse_gradient(mu), labels), batch)
+
+    def gradient_only(
+        self, mu: torch.Tensor, batch: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`loss(mu, batch, labels)` as a term whose value is exactly 0: added to the negative
+        ELBO it leaves the value as it is and adds the adversary's gradients."""
+        term = self.loss(mu, batch, labels)
         return term - term.detach()
 
 
+def label_codes(labels: np.ndarray, label_names: list[str]) -> np.ndarray:
+    """Each cell's label code for a classifier that reads labels: the index of its label in
+    `label_names`, or `len(label_names)` (the "unknown" slot) for a missing or unseen label.
+
+    Examples
+    --------
+    >>> label_codes(np.array(["T", None, "B", "NK"], dtype=object), ["B", "T"]).tolist()
+    [1, 2, 0, 2]
+    """
+    named = pd.Series(labels, dtype=object)
+    codes = pd.Categorical(named.where(named.isna(), named.astype(str)), categories=label_names)
+    codes = codes.codes.astype(np.int64)
+    return np.where(codes < 0, len(label_names), codes)
+
+
 def adversary_metrics(
-    model: Any, latent: np.ndarray, batches: np.ndarray | None, *, prefix: str = "val"
+    model: Any,
+    latent: np.ndarray,
+    batches: np.ndarray | None,
+    *,
+    labels: np.ndarray | None = None,
+    prefix: str = "val",
 ) -> dict[str, float]:
     """The trained adversary on cells' latent codes: `{prefix}_adversary_loss` (unweighted
     cross-entropy) and `{prefix}_adversary_accuracy` (share of cells whose batch it predicts);
     empty for a model without an adversary or cells without batches.
 
-    `model`: a `melvae.MelVAE` (its module and batch names); `latent`: the cells' posterior
-    means; `batches`: their batch names (cells of batches the model never saw are skipped).
+    `model`: a `melvae.MelVAE` (its module, batch and label names); `latent`: the cells'
+    posterior means; `batches`: their batch names (cells of batches the model never saw are
+    skipped); `labels`: their cell-type labels, which an adversary that reads labels is given
+    (None: cells without labels, each in the "unknown" slot).
     """
     adversary = getattr(model.module, "adversary", None)
     if adversary is None or batches is None:
         return {}
     codes = pd.Categorical(batches, categories=model.batch_names).codes.astype(np.int64)
     known = codes >= 0  # cells of batches the model never saw have no class to predict
+    if labels is None:
+        labels = np.full(len(codes), None, dtype=object)
+    label_code = label_codes(labels, model.label_names)[known]
     latent, codes = latent[known], codes[known]
     device = next(adversary.parameters()).device
     with torch.no_grad():
-        logits = adversary.classifier(torch.as_tensor(latent, dtype=torch.float32, device=device))
+        logits = adversary.logits(
+            torch.as_tensor(latent, dtype=torch.float32, device=device),
+            torch.as_tensor(label_code, device=device) if adversary.reads_labels else None,
+        )
         target = torch.as_tensor(codes, device=device)
         loss = F.cross_entropy(logits, target).item()
         accuracy = (logits.argmax(dim=1) == target).double().mean().item()

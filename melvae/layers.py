@@ -53,7 +53,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad W (cells × in), computed as (W^T grad^T)^T."""
-    return (weight.t() @ grad.t()).t()
+    return torch.mm(weight.t(), grad.t()).t()
 
 
 def weight_gradient(
@@ -107,13 +107,22 @@ class WideLinear(nn.Linear):
 
 
 def arranged(layer: nn.Linear, x: torch.Tensor) -> bool:
-    """Whether `layer` applied to `x` takes the arranged products: a `WideLinear` with a bias
-    and a side of `MIN_WIDTH` or more, a thin 2-D batch (`THIN_BATCH`), on the CPU."""
+    """Whether `layer` applied to `x` takes the arranged products: a `wide` layer and a `thin`
+    batch."""
+    return wide(layer) and thin(x)
+
+
+def wide(layer: nn.Linear) -> bool:
+    """Whether `layer` takes the arranged products for a `thin` batch: a `WideLinear` with a bias
+    and a side of `MIN_WIDTH` or more."""
     return (
         isinstance(layer, WideLinear)
         and layer.bias is not None
-        and x.device.type == "cpu"
-        and x.dim() == 2
-        and x.shape[0] <= THIN_BATCH
         and max(layer.in_features, layer.out_features) >= MIN_WIDTH
     )
+
+
+def thin(x: torch.Tensor) -> bool:
+    """Whether the batch `x` is one the arranged products are for: 2-D, at most `THIN_BATCH`
+    cells, on the CPU."""
+    return x.is_cpu and x.dim() == 2 and x.shape[0] <= THIN_BATCH

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from melvae import params
+from melvae.adversary import label_codes
 from melvae.data.loader import coded_batches
 from melvae.data.validate import validate_batches
 from melvae.errors import InputError
@@ -199,12 +200,18 @@ class MelVAE:
             "preprocess": preprocess_config,
         }
         batch_names = _batch_names(train_cells, batch_key, label_key)
+        label_names = _label_names(train_cells, label_key)
         model = cls(
-            _new_module(hyperparameters, seed=training.seed, n_batches=len(batch_names)),
+            _new_module(
+                hyperparameters,
+                seed=training.seed,
+                n_batches=len(batch_names),
+                n_labels=len(label_names),
+            ),
             preprocessor,
             hyperparameters=hyperparameters,
             label_key=label_key,
-            label_names=_label_names(train_cells, label_key),
+            label_names=label_names,
             batch_key=batch_key,
             batch_names=batch_names,
             origin=origin,
@@ -220,10 +227,19 @@ class MelVAE:
             training,
             on_epoch=on_epoch,
             progress=progress,
-            train_batches=model.batch_codes(train_cells, what="training cells"),
-            val_batches=model.batch_codes(val_cells, what="validation cells"),
+            train_batches=model._training_codes(train_cells, "training cells"),
+            val_batches=model._training_codes(val_cells, "validation cells"),
         )
         return model
+
+    def _training_codes(self, adata: ad.AnnData, what: str) -> np.ndarray | None:
+        """The per-cell codes training gives the module: the batch codes, with the label codes
+        as a second column for an adversary that reads labels (`melvae.adversary`)."""
+        codes = self.batch_codes(adata, what=what)
+        if not self.module.reads_labels:
+            return codes
+        labels = label_codes(adata.obs[self.label_key].to_numpy(), self.label_names)
+        return np.column_stack([codes, labels])
 
     def batch_codes(
         self,
@@ -476,7 +492,12 @@ class MelVAE:
         try:
             hyperparameters = meta["hyperparameters"]
             batch_names = list(meta.get("batch_names") or [])
-            module = _new_module(hyperparameters, seed=0, n_batches=len(batch_names))
+            module = _new_module(
+                hyperparameters,
+                seed=0,
+                n_batches=len(batch_names),
+                n_labels=len(meta.get("label_names") or []),
+            )
             preprocessor = Preprocessor.from_dict(meta["preprocessor"])
             history = meta.get("history")
             history = None if history is None else History.from_dict(history)
@@ -550,9 +571,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _new_module(hyperparameters: dict[str, Any], *, seed: int, n_batches: int = 0) -> VAEModule:
-    """Build the module (conditioned on `n_batches` batches, 0: none) with weights initialised
-    from `seed`, leaving the global RNG untouched."""
+def _new_module(
+    hyperparameters: dict[str, Any], *, seed: int, n_batches: int = 0, n_labels: int = 0
+) -> VAEModule:
+    """Build the module (conditioned on `n_batches` batches, 0: none; `n_labels` labels for an
+    adversary that reads them) with weights initialised from `seed`, leaving the global RNG
+    untouched."""
     # A model saved before a module parameter existed gets its default (the original layer).
     architecture = params.module_values(params.select(hyperparameters, "module"), where=MODEL_FILE)
     with torch.random.fork_rng(devices=[]):
@@ -563,6 +587,7 @@ def _new_module(hyperparameters: dict[str, Any], *, seed: int, n_batches: int = 
             architecture.pop("latent_dim"),
             hyperparameters["likelihood"],
             n_batches,
+            n_labels,
             **architecture,
         )
 

@@ -17,7 +17,10 @@ parameter for parameter and draw for draw.
 
 With `batch_adversary_weight` > 0 (it needs batches) the module also holds a batch classifier on
 the latent trained against the encoder (`melvae.adversary`), created after everything else: its
-term changes the training gradients, never the loss values (the negative ELBO).
+term changes the training gradients, never the loss values (the negative ELBO). With
+`batch_adversary_conditioning = "label"` that classifier also reads each training cell's
+cell-type label (`n_labels` > 0 labels, plus an "unknown" slot): the per-cell codes `loss` gets
+are then (cells x 2), the batch code and the label code; the encoder and decoder never see it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 from melvae import params
 from melvae.adversary import BatchAdversary
 from melvae.errors import InputError
+from melvae.label_head import LabelHead
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
 from melvae.losses import sample_and_kl
@@ -83,11 +87,13 @@ class VAEModule(nn.Module):
         latent_dim: int,
         likelihood: LikelihoodName = "bernoulli",
         n_batches: int = 0,
+        n_labels: int = 0,
         **architecture: Any,
     ) -> None:
         """Build the module; `architecture` takes the other module parameters of
         `melvae.params` (n_layers, dropout, norm, batch_conditioning, ...), each defaulting to
-        the original. `n_batches`: the batches it is conditioned on (0: none)."""
+        the original. `n_batches`: the batches it is conditioned on (0: none); `n_labels`: the
+        cell-type labels a label-conditioned adversary reads (used only by one)."""
         super().__init__()
         self.likelihood_model = get_likelihood(likelihood, where="VAEModule")
         if n_genes < 1:
@@ -104,6 +110,8 @@ class VAEModule(nn.Module):
         hidden_dim = block.pop("hidden_dim")
         conditioning = block.pop("batch_conditioning")
         adversary_weight = block.pop("batch_adversary_weight")
+        adversary_reads = block.pop("batch_adversary_conditioning")
+        label_weight = block.pop("label_classifier_weight")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
@@ -136,9 +144,41 @@ class VAEModule(nn.Module):
                 "leave batch_adversary_weight at 0",
             )
         # Created after every other weight: without it the module is drawn exactly as before.
+        if adversary_weight > 0 and adversary_reads == "label" and n_labels == 0:
+            raise InputError(
+                'batch_adversary_conditioning = "label": the adversary removes the batch within '
+                "cell types, and this module was given no cell-type labels",
+                where="VAEModule",
+                fix="give the training cells' labels (MelVAE.fit(label_key=...), a study's "
+                '[data] label_key), or set batch_adversary_conditioning = "none"',
+            )
         self.adversary = None
         if adversary_weight > 0:
-            self.adversary = BatchAdversary(latent_dim, n_batches, adversary_weight)
+            self.adversary = BatchAdversary(
+                latent_dim,
+                n_batches,
+                adversary_weight,
+                n_labels=n_labels if adversary_reads == "label" else 0,
+            )
+        if label_weight > 0 and (n_labels == 0 or n_batches == 0):
+            raise InputError(
+                f"label_classifier_weight = {label_weight}: a cell-type classifier on the latent "
+                "needs batches and cell-type labels, and this module lacks them",
+                where="VAEModule",
+                fix="give a batch key and the training cells' labels (MelVAE.fit(batch_key=..., "
+                "label_key=...)), or leave label_classifier_weight at 0",
+            )
+        # Created after every other weight: without it the module is drawn exactly as before.
+        self.label_head = (
+            LabelHead(latent_dim, n_labels, label_weight) if label_weight > 0 else None
+        )
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether training gives this module each cell's label code (next to its batch code)."""
+        return self.label_head is not None or (
+            self.adversary is not None and self.adversary.reads_labels
+        )
 
     @property
     def encoder_conditioned(self) -> bool:
@@ -191,10 +231,14 @@ class VAEModule(nn.Module):
         """Negative ELBO: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
         One reparameterised sample per cell, drawn from `generator` (the global RNG if None);
-        `batch`: each cell's batch code (int64), for a conditioned module. In training mode a
+        `batch`: each cell's batch code (int64), for a conditioned module; for a module whose
+        adversary reads labels, (cells x 2) codes: batch, then label. In training mode a
         module with an adversary adds its term to `total`'s gradients (its value stays the
         negative ELBO).
         """
+        labels = None
+        if batch is not None and batch.dim() == 2:
+            batch, labels = batch[:, 0], batch[:, 1]
         mu, logvar = self.encode(x, batch)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z, kl = sample_and_kl(mu, logvar, eps)
@@ -202,7 +246,9 @@ class VAEModule(nn.Module):
         kl = kl.mean()
         total = recon + kl_weight * kl
         if self.adversary is not None and self.training:
-            total = total + self.adversary.gradient_only(mu, batch)
+            total = total + self.adversary.gradient_only(mu, batch, labels)
+        if self.label_head is not None and self.training:
+            total = total + self.label_head.gradient_only(mu, labels)
         return LossParts(total, recon, kl)
 
 

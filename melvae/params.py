@@ -49,6 +49,8 @@ class Param:
         For a `str`: the allowed values.
     needs_batch_key
         A value other than the default needs a batch key (a study refuses it without one).
+    needs_label_key
+        A value other than the default needs cell-type labels (a study refuses it without).
 
     Examples
     --------
@@ -68,6 +70,7 @@ class Param:
     high_open: bool = False
     choices: tuple[str, ...] = ()
     needs_batch_key: bool = False
+    needs_label_key: bool = False
 
     def describe(self) -> str:
         """The valid values in words, e.g. "int >= 1", "float in [0, 1)", "one of relu, gelu"."""
@@ -158,6 +161,30 @@ PARAMS: dict[str, Param] = {
             0.0,
             low=0,
             needs_batch_key=True,
+        ),
+        Param(
+            "batch_adversary_conditioning",
+            str,
+            _MODULE,
+            "what the batch adversary reads besides the latent: nothing, or each training cell's "
+            'cell-type label, so it removes the batch only within cell types ("label" needs a '
+            "batch key and labels; unused at weight 0)",
+            "none",
+            choices=("none", "label"),
+            needs_batch_key=True,
+            needs_label_key=True,
+        ),
+        Param(
+            "label_classifier_weight",
+            float,
+            _MODULE,
+            "weight of a training-only linear cell-type classifier on the latent that the "
+            "encoder is trained to help (0 = none; needs a batch key and labels; changes "
+            "gradients, not the loss values)",
+            0.0,
+            low=0,
+            needs_batch_key=True,
+            needs_label_key=True,
         ),
         Param("learning_rate", float, _TRAIN, "Adam's learning rate", 1e-3, low=0, low_open=True),
         Param("epochs", int, _TRAIN, "most epochs to train", 100, low=1),

@@ -142,15 +142,36 @@ class StudyConfig:
             ),
         )
 
+    def without_label_search(self) -> StudyConfig:
+        """This study without the `[batch_search.*]` dimensions that need cell-type labels
+        (declared `needs_label_key`): for data without labels, which they cannot use."""
+        dropped = {p.name for p in self.batch_search if PARAMS[p.name].needs_label_key}
+        return replace(
+            self,
+            search=tuple(p for p in self.search if p.name not in dropped),
+            seed_trials=tuple(
+                {k: v for k, v in trial.items() if k not in dropped} for trial in self.seed_trials
+            ),
+        )
+
     def needs_batch_key(self) -> list[str]:
         """What in this study needs a batch key: batch objectives, and parameters declared
         `needs_batch_key` that are searched or fixed away from their default."""
         needs = [name for name in self.objectives if name in BATCH_OBJECTIVES]
+        return needs + self._changed_params("needs_batch_key")
+
+    def needs_label_key(self) -> list[str]:
+        """The parameters declared `needs_label_key` that this study searches or fixes away
+        from their default: it needs cell-type labels for them."""
+        return self._changed_params("needs_label_key")
+
+    def _changed_params(self, flag: str) -> list[str]:
+        """Parameters declared with `flag` that are searched or fixed away from their default."""
         fixed, searched = self.fixed_params(), {param.name for param in self.search}
-        return needs + [
+        return [
             name
             for name, p in PARAMS.items()
-            if p.needs_batch_key and (fixed.get(name, p.default) != p.default or name in searched)
+            if getattr(p, flag) and (fixed.get(name, p.default) != p.default or name in searched)
         ]
 
     def fit_only(self) -> StudyConfig:

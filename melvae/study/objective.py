@@ -168,7 +168,10 @@ class Objective:
             metrics |= scores.bio() | scores.batch("val")
             metrics |= integration_metrics(metrics)
             metrics |= adversary_metrics(
-                model, scores.latent("val"), metric_batches(self.data, "val")
+                model,
+                scores.latent("val"),
+                metric_batches(self.data, "val"),
+                labels=scores.cells("val")[1],
             )
             track.log_metrics(metrics)
             track.log_figure(loss_curves(model.history), track.LOSS_FILE)

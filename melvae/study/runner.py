@@ -393,6 +393,17 @@ def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) 
             fix="set [data] batch_key (or run --batch-key) to the column naming each cell's "
             "patient or sample, or leave these objectives out",
         )
+    if data.label_key is None:
+        config = config.without_label_search()
+    needs_labels = config.needs_label_key()
+    if data.label_key is None and needs_labels:
+        raise InputError(
+            f"{', '.join(needs_labels)} need(s) cell-type labels (to remove the batch within "
+            "cell types, or to keep cell types apart), and the data have none",
+            where=f"{config.path} [model] / [search] / [data] label_key",
+            fix="set [data] label_key to the cell-type column, or leave these parameters at "
+            "their defaults",
+        )
     if data.label_key is None and config.objective not in ("val_loss", "recon_corr"):
         raise InputError(
             f"objective {config.objective!r} needs cell-type labels and the data has none",
