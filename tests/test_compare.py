@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import matplotlib
 import optuna
 import pandas as pd
 import pytest
@@ -162,7 +163,11 @@ def test_report_is_on_the_parent_run_with_one_panel_per_completed_trial(mlflow_s
 def test_report_command_writes_the_same_page_and_never_replaces_it(small_study, monkeypatch):
     _offline(monkeypatch, small_study["workdir"])
     out = small_study["workdir"] / "study-report.html"
-    assert main(["report", "--out", str(out)]) == 0
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        style = dict(matplotlib.rcParams)
+        assert main(["report", "--out", str(out)]) == 0
+        assert dict(matplotlib.rcParams) == style  # Optuna's plots' ggplot style stays in them
     page = out.read_text()
     assert len(re.findall(r"<figure[^>]*data-trial=", page)) == 3
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
