@@ -1,11 +1,10 @@
 """The per-trial and end-of-study costs that are not training, before and after, side by side.
 
 Each row times one thing two ways in this one process, back to back: as melvae did it before
-(the figure with the constrained layout engine, which makes saving draw it twice; the Optuna
-SQLite file in its default rollback journal) and as it does now (fixed margins; write-ahead log
-synced at checkpoints, `melvae.study.storage.open_storage`), and prints the ratio.
+(the figure with the constrained layout engine, which makes saving draw it twice) and as it
+does now (fixed margins), and prints the ratio.
 
-    python bench/study_overheads.py [--repeats 3] [--writes 60]
+    python bench/study_overheads.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ import argparse
 import io
 import os
 import resource
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -91,39 +88,12 @@ def figures(repeats: int) -> list[tuple[str, float, float, float, float]]:
     return rows
 
 
-def storage(writes: int, repeats: int) -> tuple[str, float, float, float, float]:
-    import optuna
-
-    from melvae.study.storage import open_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.simplefilter("ignore")
-
-    def per_write(make: Callable[[str], optuna.storages.BaseStorage]) -> tuple[float, float]:
-        walls, cpus = [], []
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory(dir=os.getcwd()) as folder:
-                study = optuna.create_study(storage=make(f"sqlite:///{folder}/optuna.db"))
-                trial = study.ask()
-                wall, cpu = time.perf_counter(), _cpu()
-                for i in range(writes):
-                    trial.set_user_attr(f"metric_{i}", float(i))
-                walls.append((time.perf_counter() - wall) / writes)
-                cpus.append((_cpu() - cpu) / writes)
-        return float(np.mean(walls)), float(np.mean(cpus))
-
-    before = per_write(lambda url: optuna.storages.RDBStorage(url))
-    after = per_write(lambda url: open_storage(url))
-    return ("Optuna SQLite write (~35 a trial), ms", *(1e3 * v for v in (*before, *after)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--writes", type=int, default=60)
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    rows = [*figures(args.repeats), storage(args.writes, args.repeats)]
+    rows = figures(args.repeats)
     print(f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; wall (CPU)")
     print(f"{'':46s}{'before':>16s}{'after':>16s}{'after/before':>16s}")
     for name, wall0, cpu0, wall1, cpu1 in rows:

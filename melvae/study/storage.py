@@ -15,7 +15,6 @@ import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import optuna
 import sqlalchemy
@@ -84,40 +83,15 @@ def open_storage(url: str, *, heartbeat: int = HEARTBEAT_SECONDS) -> optuna.stor
         # Optuna flags heartbeats as experimental; they are what makes crash recovery work.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = optuna.storages.RDBStorage(
+            return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat,
                 grace_period=GRACE_BEATS * heartbeat,
                 heartbeat_stale_trial_callback=on_stale_trial,
             )
-            if url.startswith("sqlite") and ":memory:" not in url:
-                _write_ahead(storage.engine)
         except SQLAlchemyError as exc:
             raise _unusable(url, "Optuna storage", "--storage", exc) from None
-    return storage
-
-
-def _write_ahead(engine: sqlalchemy.engine.Engine) -> None:
-    """Switch a SQLite study file to write-ahead logging, synced at checkpoints only.
-
-    A trial writes its parameters and user attributes one commit each (about 30), and in
-    SQLite's default rollback journal every commit syncs the journal and the file to disk: 2 ms
-    a commit on a quiet disk, 10-20 ms on a busy one (bench/study_profile.py). In WAL mode with
-    `synchronous = NORMAL` a commit appends to the log without syncing; a killed process loses
-    nothing committed, a power cut at most the last commits, and the file is never corrupted.
-    The mode is stored in the file, so every worker on it shares it.
-    """
-    sqlalchemy.event.listen(engine, "connect", _sync_at_checkpoints)
-    engine.dispose()  # connections opened while Optuna created its tables get the setting too
-    with engine.connect() as connection:
-        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-
-
-def _sync_at_checkpoints(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
 
 
 @contextlib.contextmanager
