@@ -3,11 +3,15 @@ nothing written to Optuna, MLflow or the registry."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 from pathlib import Path
 
 import pytest
 
+from melvae.errors import InputError
 from melvae.study.__main__ import main
+from melvae.study.config import load_study_config
 from tests.test_study import _offline, _quick_config
 
 QUICK = ["--n-trials", "1", "--epochs", "1", "--quiet"]
@@ -151,3 +155,18 @@ def test_fewer_cells_than_a_batch_warns_with_the_numbers(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 0, err
     assert "the training split has 28 cells, fewer than the largest batch_size 128" in err
+
+
+def test_a_bad_study_file_read_in_a_worker_process_reaches_the_caller_as_itself(tmp_path):
+    """Python API users fan studies out over processes (bench/batch_effects.py does): the error
+    must cross the process boundary whole, not as a pickling TypeError that hides it."""
+    old, new, key = STUDY_FILE_MISTAKES["latent size 0"]
+    study = _quick_config(tmp_path, **{old: new})
+    context = multiprocessing.get_context("spawn")
+    with (
+        concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool,
+        pytest.raises(InputError) as raised,
+    ):
+        pool.submit(load_study_config, study).result()
+    assert key in raised.value.where and str(study) in raised.value.where
+    assert raised.value.fix and "what to do" in str(raised.value)
