@@ -372,6 +372,11 @@ def run_study(
     )
 
 
+def _refuse_needing(names: list[str], need: str, *, where: str, fix: str) -> None:
+    """Raise the InputError for study settings `names` that need what the data lack."""
+    raise InputError(f"{', '.join(names)} need(s) {need}", where=where, fix=fix)
+
+
 def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) -> StudyConfig:
     """The study as these data allow it: without labels it selects on fit alone (said loudly
     when `announce`); an objective that needs labels the data lack is an InputError."""
@@ -386,9 +391,10 @@ def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) 
             )
     needs_batches = config.needs_batch_key()
     if data.batch_key is None and needs_batches:
-        raise InputError(
-            f"{', '.join(needs_batches)} need(s) batches (batch objectives measure their mixing, "
-            "batch_adversary_weight removes them), and the study has no batch key",
+        _refuse_needing(
+            needs_batches,
+            "batches (batch objectives measure their mixing, batch_adversary_weight removes "
+            "them), and the study has no batch key",
             where=f"{config.path} [objective] / [model] / [search] / [data] batch_key",
             fix="set [data] batch_key (or run --batch-key) to the column naming each cell's "
             "patient or sample, or leave these objectives out",
@@ -397,9 +403,10 @@ def config_for_data(config: StudyConfig, data: PreparedData, *, announce: bool) 
         config = config.without_label_search()
     needs_labels = config.needs_label_key()
     if data.label_key is None and needs_labels:
-        raise InputError(
-            f"{', '.join(needs_labels)} need(s) cell-type labels (to remove the batch within "
-            "cell types, or to keep cell types apart), and the data have none",
+        _refuse_needing(
+            needs_labels,
+            "cell-type labels (to remove the batch within cell types, or to keep cell types "
+            "apart), and the data have none",
             where=f"{config.path} [model] / [search] / [data] label_key",
             fix="set [data] label_key to the cell-type column, or leave these parameters at "
             "their defaults",
