@@ -143,7 +143,6 @@ class VAEModule(nn.Module):
                 fix='set a batch key (e.g. [data] batch_key = "sample" or --batch-key), or '
                 "leave batch_adversary_weight at 0",
             )
-        # Created after every other weight: without it the module is drawn exactly as before.
         if adversary_weight > 0 and adversary_reads == "label" and n_labels == 0:
             raise InputError(
                 'batch_adversary_conditioning = "label": the adversary removes the batch within '
@@ -152,6 +151,7 @@ class VAEModule(nn.Module):
                 fix="give the training cells' labels (MelVAE.fit(label_key=...), a study's "
                 '[data] label_key), or set batch_adversary_conditioning = "none"',
             )
+        # Created after every other weight: without it the module is drawn exactly as before.
         self.adversary = None
         if adversary_weight > 0:
             self.adversary = BatchAdversary(
@@ -168,7 +168,7 @@ class VAEModule(nn.Module):
                 fix="give a batch key and the training cells' labels (MelVAE.fit(batch_key=..., "
                 "label_key=...)), or leave label_classifier_weight at 0",
             )
-        # Created after every other weight: without it the module is drawn exactly as before.
+        # Then the label head, likewise (an adversary's draws come first, as before).
         self.label_head = (
             LabelHead(latent_dim, n_labels, label_weight) if label_weight > 0 else None
         )
