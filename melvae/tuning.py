@@ -25,6 +25,7 @@ import pandas as pd
 from melvae import track
 from melvae.data.datasets import Dataset
 from melvae.errors import InputError
+from melvae.faultpoint import stop_point
 from melvae.model import MelVAE
 from melvae.register import Registration
 from melvae.study import workers as workers_
@@ -194,10 +195,10 @@ def tune(
     check_storage_url(storage)
     check_tracking_uri(track.resolve_tracking_uri(tracking_uri))
     workers_.remove_orphaned_job_folders(Path(tempfile.gettempdir()))  # of runs killed -9
-    prepared = _prepared(data, config, label_key=label_key, name=name)
     budget = n_trials or config.n_trials or workers_.UNTIL_TIMEOUT
-    plan = plan_workers(workers, config, prepared, budget, threads=threads)
-    print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
+    # The worker processes the plan may want are started first, so that their imports overlap
+    # reading and preparing the data here; dismissed if the data make it one process.
+    most = plan_workers(workers, config, None, budget, threads=threads)
     run = {
         "storage": storage,
         "tracking_uri": tracking_uri,
@@ -206,15 +207,25 @@ def tune(
         "progress": progress,
         "heartbeat": heartbeat,
     }
-    code = 0
-    if plan.workers > 1:
-        job = workers_.Job(config, prepared, run)
-        outcome, code = start_workers(job, plan, budget, n_trials=n_trials)
-        if code != 0:
-            print(f"melvae: a worker ended with exit code {code}", file=sys.stderr)
-    else:
-        with _torch_threads(plan.threads):
-            outcome = run_study(config, n_trials=n_trials, data=prepared, **run)
+    with (
+        workers_.job_folder() as folder,
+        workers_.crew(
+            workers_.job_path(folder), workers=most.workers - 1, threads=most.threads
+        ) as crew,
+    ):
+        stop_point("workers started")  # tests: the caller dies before the job exists
+        prepared = _prepared(data, config, label_key=label_key, name=name)
+        plan = plan_workers(workers, config, prepared, budget, threads=threads)
+        print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
+        if plan.workers > 1:
+            job = workers_.Job(config, prepared, run)
+            outcome = start_workers(job, plan, budget, n_trials=n_trials, crew=crew, folder=folder)
+        else:
+            crew.dismiss()
+            with _torch_threads(plan.threads):
+                outcome = run_study(config, n_trials=n_trials, data=prepared, **run)
+    if crew.code != 0:
+        print(f"melvae: a worker ended with exit code {crew.code}", file=sys.stderr)
     return TuneResult(
         champion=outcome.champion,
         champion_trial=outcome.champion_trial,
@@ -226,21 +237,22 @@ def tune(
         config=outcome.config,
         seconds=time.perf_counter() - started,
         plan=plan,
-        worker_exit_code=code,
+        worker_exit_code=crew.code,
     )
 
 
 def plan_workers(
     workers: int | str,
     config: StudyConfig,
-    data: PreparedData,
+    data: PreparedData | None,
     n_trials: int,
     *,
     threads: int | None = None,
 ) -> workers_.Plan:
     """How a run spends this machine: "auto" (`workers.choose` for the study's largest model on
     these data) or `workers` processes sharing the cores; `threads` given overrides the threads
-    per process.
+    per process. Without `data` (not read yet): the plan of a small model, the most processes
+    any data may get, with the same threads each.
 
     Examples
     --------
@@ -249,8 +261,8 @@ def plan_workers(
     """
     cores = workers_.cores()
     if workers == "auto":
-        weights = workers_.gene_weights(config, len(data.preprocessor.genes))
-        plan = workers_.choose(cores, n_trials, weights)
+        genes = 0 if data is None else len(data.preprocessor.genes)
+        plan = workers_.choose(cores, n_trials, workers_.gene_weights(config, genes))
     else:
         count = min(int(workers), n_trials)
         plan = workers_.Plan(count, max(1, cores // count), "--workers")
@@ -260,16 +272,21 @@ def plan_workers(
 
 
 def start_workers(
-    job: workers_.Job, plan: workers_.Plan, budget: int, *, n_trials: int | None
-) -> tuple[StudyOutcome, int]:
+    job: workers_.Job,
+    plan: workers_.Plan,
+    budget: int,
+    *,
+    n_trials: int | None,
+    crew: workers_.Crew,
+    folder: Path,
+) -> StudyOutcome:
     """Run the study as worker 0 of `plan.workers`: create it, pledge `budget` and claim the
-    sampler indices, start `plan.workers - 1` worker processes on `job` (written once to a
-    private temporary folder, removed when they end), run this process's share of the trials on
-    the data it prepared, then the summary once the budget is spent (the first process registers
-    the champion meanwhile, `run_worker`); return the outcome and the
-    worst exit code of the processes. A stop (Ctrl-C, SIGTERM, passed on to the processes) takes
-    the unrun pledge back and raises once they have ended. `n_trials` (None: the study's) is
-    what the progress bar counts."""
+    sampler indices, write `job` into the run's private `folder` and send the `plan.workers - 1`
+    waiting processes of `crew` their indices, run this process's share of the trials on the
+    data it prepared, then the summary once the budget is spent (the first process registers the
+    champion meanwhile, `run_worker`); return the outcome. A stop (Ctrl-C, SIGTERM, passed on to
+    the processes) takes the unrun pledge back and raises. `n_trials` (None: the study's) is what
+    the progress bar counts."""
     config = config_for_data(job.config, job.data, announce=False)
     storage = job.run["storage"]
     study = create_study(config, job.data.dataset_key, storage, heartbeat=job.run["heartbeat"])
@@ -280,28 +297,23 @@ def start_workers(
         # timeout may end them apart, and worker 0 then registers the one it chose.
         job = dataclasses.replace(job, registrar=first + 1)
     try:
-        with workers_.job_folder() as folder:
-            path = workers_.write_job(job, folder)
-            others = plan.workers - 1
-            with (
-                workers_.crew(
-                    path, workers=others, threads=plan.threads, first_index=first + 1
-                ) as crew,
-                _torch_threads(plan.threads),
-            ):
-                outcome = run_study(
-                    job.config,
-                    n_trials=n_trials,
-                    data=job.data,
-                    worker_index=first,
-                    register=False,
-                    **job.run,
-                )
-            outcome = _registered(outcome, folder, job.data.dataset_key)
+        workers_.write_job(job, folder)
+        crew.go(first + 1)
+        with _torch_threads(plan.threads):
+            outcome = run_study(
+                job.config,
+                n_trials=n_trials,
+                data=job.data,
+                worker_index=first,
+                register=False,
+                **job.run,
+            )
+        crew.wait()
+        return _registered(outcome, folder, job.data.dataset_key)
     except KeyboardInterrupt:  # the processes queued their trials again for the next run
+        crew.wait()
         workers_.withdraw(study, storage, budget)
         raise
-    return outcome, crew.code
 
 
 def _registered(outcome: StudyOutcome, folder: Path, dataset_key: str) -> StudyOutcome:
@@ -316,10 +328,14 @@ def _registered(outcome: StudyOutcome, folder: Path, dataset_key: str) -> StudyO
     return dataclasses.replace(outcome, registration=registration)
 
 
-def run_worker(job: Path, *, index: int, threads: int) -> None:
-    """One worker process started by `start_workers`: run trials of the job's study with sampler
-    index `index` on `threads` torch threads until the study's budget is spent; the registrar
-    (`Job.registrar`) then registers the champion while worker 0 runs the baselines."""
+def run_worker(job: Path, *, threads: int) -> None:
+    """One worker process started by `tune` before it read the data: wait for the job
+    (`workers.wait_for_go`; none: return), then run trials of the job's study with the sampler
+    index it was sent on `threads` torch threads until the study's budget is spent; the
+    registrar (`Job.registrar`) then registers the champion while worker 0 runs the baselines."""
+    index = workers_.wait_for_go(sys.stdin.buffer)
+    if index is None:
+        return
     work = workers_.read_job(job)
     with _torch_threads(threads):
         outcome = run_study(

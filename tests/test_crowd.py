@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
 
+from melvae.study import workers
 from melvae.study.__main__ import main
-from melvae.study.workers import worker_argv
 from tests.test_study import _offline
 from tests.workers import QUICK, STUDY, client_for, output, runs_by_status, start_worker
 
 
-def test_each_worker_gets_the_job_its_index_and_its_share_of_the_cores():
-    argv = worker_argv(Path("/tmp/melvae-workers-x/job.pickle"), index=4, threads=1)
+def test_each_worker_gets_the_job_and_its_share_of_the_cores_its_index_comes_with_the_go():
+    argv = workers.worker_argv(Path("/tmp/melvae-workers-x/job.pickle"), threads=1)
     assert argv == [
         sys.executable,
         "-m",
@@ -23,11 +24,11 @@ def test_each_worker_gets_the_job_its_index_and_its_share_of_the_cores():
         "run",
         "--job",
         "/tmp/melvae-workers-x/job.pickle",
-        "--worker-index",
-        "4",
         "--threads",
         "1",
     ]
+    assert workers.wait_for_go(io.BytesIO(b"4\n")) == 4
+    assert workers.wait_for_go(io.BytesIO(b"")) is None, "caller closed the pipe: no job"
 
 
 @pytest.mark.slow

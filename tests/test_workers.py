@@ -1,6 +1,7 @@
 """How `run` spends the cores, each worker's own sampler seed, and the study's shared budget:
 4 real workers on one fresh SQLite folder, one of them killed with SIGKILL mid-trial; the job
-folder a run killed with SIGKILL leaves, removed by the next."""
+folder a run killed with SIGKILL leaves, removed by the next; the worker processes started
+before the data, gone with nothing written when their run is refused or dies first."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 
+from melvae.faultpoint import ENV as STOP_AT
 from melvae.register import Registration
 from melvae.study import workers
 from melvae.study.config import load_study_config
 from melvae.study.runner import _sampler
+from tests.test_study import _quick_config
 from tests.workers import (
     QUICK,
     STUDY,
@@ -199,3 +203,75 @@ def test_sigterm_to_a_run_with_workers_stops_worker_0_and_the_process_and_queues
     queued = {t.user_attrs.get("requeued_from") for t in study.trials if t.state == State.WAITING}
     assert len(stopped) == 2 and stopped <= queued, "both stopped trials queued for the next run"
     assert study.user_attrs[workers.BUDGET_ATTR] == workers.counted(study.trials), "pledge back"
+
+
+def _processes_naming(folder: Path) -> list[int]:
+    """Live processes whose command line names `folder` (a run's workers name its job file)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # not a process, or it ended meanwhile
+            continue
+        if proc.name.isdigit() and str(folder).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _refused_after_the_workers_started(tmp_path: Path, kind: str) -> list[str]:
+    """`run` arguments refused only after its worker processes started: bad data, or a study
+    file whose sampler is unknown (checked when the study is created)."""
+    if kind == "data":
+        cells = tmp_path / "cells.csv"
+        rows = [f"cell{i % 5},{i % 3},{i % 4},{'TB'[i % 2]}" for i in range(12)]
+        cells.write_text("\n".join([",GENE_A,GENE_B,label", *rows]) + "\n")
+        return ["--data", str(cells)]
+    study = _quick_config(tmp_path, **{'type = "tpe"': 'type = "nope"'})
+    return ["--study", str(study)]
+
+
+@pytest.mark.parametrize("kind", ["data", "study file"])
+def test_a_run_refused_after_its_workers_started_exits_2_leaving_no_process_nor_file(
+    tmp_path, kind
+):
+    handoff = tmp_path / "tmp"  # the run's temporary folder (TMPDIR): its job folder goes here
+    handoff.mkdir()
+    argv = [sys.executable, "-m", "melvae.study", "run", "--workers", "2", "--n-trials", "4"]
+    done = subprocess.run(
+        [*argv, *_refused_after_the_workers_started(tmp_path, kind), *QUICK],
+        cwd=tmp_path,
+        env=worker_env(tmp_path) | {"TMPDIR": str(handoff)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "melvae: error:" in done.stderr
+    assert not (tmp_path / "mlruns").exists(), "nothing written to Optuna or MLflow"
+    assert list(handoff.iterdir()) == [], "the job folder is gone"
+    assert _processes_naming(handoff) == [], "the waiting worker ended with its run"
+
+
+@pytest.mark.slow
+def test_a_worker_whose_run_dies_before_the_job_exists_exits_by_itself_writing_nothing(
+    tmp_path,
+):
+    handoff = tmp_path / "tmp"
+    handoff.mkdir()
+    argv = [sys.executable, "-m", "melvae.study", "run", "--workers", "2", "--n-trials", "4"]
+    done = subprocess.run(
+        [*argv, *QUICK],
+        cwd=tmp_path,
+        env=worker_env(tmp_path) | {"TMPDIR": str(handoff), STOP_AT: "workers started"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    [folder] = handoff.iterdir()  # the dead run's, removed by the next run (test above)
+    assert not (folder / "job.pickle").exists()
+    deadline = time.monotonic() + 120
+    while _processes_naming(handoff):  # its worker: done importing, it reads the closed pipe
+        assert time.monotonic() < deadline, "the orphaned worker never ended"
+        time.sleep(0.2)
+    assert not (tmp_path / "mlruns").exists(), "the worker wrote nothing"

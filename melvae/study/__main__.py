@@ -102,9 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         "default): parallel single-thread trials for a small model, threads for a large one "
         "(printed)",
     )
-    # Set by `tune` for each worker process it starts: the job file and the sampler index.
+    # Set by `tune` for each worker process it starts: the job file (its sampler index comes on
+    # its stdin once the job is written, `workers.Crew.go`).
     run.add_argument("--job", type=Path, help=argparse.SUPPRESS)
-    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument(
         "--heartbeat",
         type=_positive(int),
@@ -157,7 +157,7 @@ def _workers(text: str) -> int | str:
 def _run(args: argparse.Namespace) -> int:
     stop_cleanly_on_sigterm()
     if args.job is not None:  # one of the worker processes `tune` starts
-        run_worker(args.job, index=args.worker_index, threads=args.threads)
+        run_worker(args.job, threads=args.threads)
         return 0
     result = tune(
         args.data,

@@ -15,9 +15,12 @@ trial budget, and `run --workers N` (N worker processes on this machine).
   N`): the caller is worker 0 and runs its share of the trials in-process, on the data it
   prepared, while N - 1 processes `python -m melvae.study run --job FILE` run the rest; they
   read the data and the study from one job file (`write_job`), so an AnnData in a notebook's
-  memory or a study given as a dict reach them too. When the trials are done, one of them (the
-  job's registrar) registers the champion while worker 0 scores it on test, runs the baselines
-  and writes the report (`write_registration`).
+  memory or a study given as a dict reach them too. They are started before the caller reads
+  the data, so their imports overlap its preparation; each then waits on its stdin for its
+  sampler index (`Crew.go`, sent once the job file is written) and exits without touching
+  anything if the caller dismisses it, is refused or dies first (`wait_for_go`). When the trials
+  are done, one of them (the job's registrar) registers the champion while worker 0 scores it on
+  test, runs the baselines and writes the report (`write_registration`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import optuna
@@ -256,13 +259,18 @@ class Job:
     registrar: int | None = None
 
 
+def job_path(folder: Path) -> Path:
+    """Where `write_job` writes the job in the run's private `folder` (`job_folder`)."""
+    return folder / "job.pickle"
+
+
 def write_job(job: Job, folder: Path) -> Path:
     """Write `job` into `folder` atomically (a worker never reads half a file); return its path.
 
     `folder` is the caller's private temporary folder (`job_folder`), removed when the workers
     have ended.
     """
-    path = folder / "job.pickle"
+    path = job_path(folder)
     partial = path.with_suffix(".partial")
     with partial.open("wb") as out:
         pickle.dump(job, out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -325,42 +333,80 @@ def remove_orphaned_job_folders(root: Path) -> list[Path]:
     return removed
 
 
-def worker_argv(job: Path, *, index: int, threads: int) -> list[str]:
-    """One worker's command line: `run` on the job file, with its worker index and threads."""
+def worker_argv(job: Path, *, threads: int) -> list[str]:
+    """One worker's command line: `run` on the job file, with its threads (its sampler index
+    comes on its stdin once the job file is written, `Crew.go`)."""
     return [
         sys.executable,
         *("-m", "melvae.study", "run", "--job", str(job)),
-        *("--worker-index", str(index), "--threads", str(threads)),
+        *("--threads", str(threads)),
     ]
+
+
+def wait_for_go(source: BinaryIO) -> int | None:
+    """In a worker process: wait until the caller has written the job (`Crew.go`) and return
+    this worker's sampler index; None if the caller dismissed it, died, or the worker was
+    stopped (Ctrl-C, SIGTERM) first: it then has nothing to do and has written nothing."""
+    try:
+        line = source.readline()
+    except KeyboardInterrupt:
+        return None
+    return int(line) if line.strip() else None
 
 
 @dataclass
 class Crew:
-    """The worker processes of one run; `code` is their worst exit code once they have ended
-    (0: all ended well, or none were started; negative: killed by that signal)."""
+    """The worker processes of one run, waiting for their job until `go`; `code` is their worst
+    exit code once they have ended (0: all ended well, or none was sent its job; negative:
+    killed by that signal)."""
 
     processes: list[subprocess.Popen]
     code: int = 0
+    sent: bool = False
+
+    def go(self, first_index: int) -> None:
+        """The job file is written: send each worker its sampler index (`first_index` onwards),
+        which starts its trials."""
+        for offset, process in enumerate(self.processes):
+            with contextlib.suppress(BrokenPipeError):  # it died: its exit code says so
+                process.stdin.write(b"%d\n" % (first_index + offset))
+                process.stdin.close()
+        self.sent = True
+
+    def wait(self) -> int:
+        """Wait until every worker has ended; set `code` and return it."""
+        failed = [code for code in (process.wait() for process in self.processes) if code != 0]
+        self.code = failed[0] if failed and self.sent else 0
+        return self.code
+
+    def dismiss(self) -> None:
+        """No job for them (the plan has no other worker, or the run failed before its job was
+        written): stop the waiting workers now; they have written nothing."""
+        if self.sent:
+            return
+        for process in self.processes:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+            process.terminate()
 
 
 @contextlib.contextmanager
-def crew(job: Path, *, workers: int, threads: int, first_index: int) -> Iterator[Crew]:
-    """Start `workers` worker processes (`python -m melvae.study run --job ...` each, sampler
-    indices `first_index` onwards) while the block runs (the caller's own share of the trials);
-    on the way out wait for them and set `Crew.code`.
+def crew(job: Path, *, workers: int, threads: int) -> Iterator[Crew]:
+    """Start `workers` worker processes (`python -m melvae.study run --job ...` each) that import
+    while the block prepares their job; the block writes `job` and calls `Crew.go`, then runs
+    the caller's own share of the trials. On the way out wait for them and set `Crew.code`;
+    workers never sent their job are dismissed (`Crew.dismiss`), also when the block fails.
 
-    The caller has pledged the study's budget and claimed the indices; the workers share that
-    budget (none pledges more) and leave the summary (baselines, report) to the caller, all but
-    the job's registrar, which registers the champion.
+    The caller has pledged the study's budget and claimed the indices it sends; the workers
+    share that budget (none pledges more) and leave the summary (baselines, report) to the
+    caller, all but the job's registrar, which registers the champion.
     Give each cores/N torch threads: N processes each using every core would slow each other
     down many times over. The workers import the same melvae as this process. SIGTERM to this
     process (from its main thread) is passed on to every worker, then to this process's own
     handler (`recovery.stop_cleanly_on_sigterm`; without one, its trial is stopped the same way).
     """
-    processes = [
-        subprocess.Popen(worker_argv(job, index=first_index + i, threads=threads), env=_env())
-        for i in range(workers)
-    ]
+    argv = worker_argv(job, threads=threads)
+    processes = [subprocess.Popen(argv, env=_env(), stdin=subprocess.PIPE) for _ in range(workers)]
     started = Crew(processes)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
@@ -379,13 +425,12 @@ def crew(job: Path, *, workers: int, threads: int, first_index: int) -> Iterator
         yield started
     finally:
         # Stopped (Ctrl-C reached every worker too), crashed or done: let them end their runs.
+        started.dismiss()
         try:
-            codes = [process.wait() for process in processes]
+            started.wait()
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
-        failed = [code for code in codes if code != 0]
-        started.code = failed[0] if failed else 0
 
 
 def _env() -> dict[str, str]:
