@@ -1,10 +1,13 @@
 """The per-trial and end-of-study costs that are not training, before and after, side by side.
 
 Each row times one thing two ways in this one process, back to back: as melvae did it before
-(the figure with the constrained layout engine, which makes saving draw it twice) and as it
-does now (fixed margins), and prints the ratio.
+(the figure with the constrained layout engine, which makes saving draw it twice; a trial's
+bio_score in the native pools' default threads) and as it does now (fixed margins; the pools
+held to the worker's one thread, `melvae.tuning._threads`), and prints the ratio. The bio_score
+row runs beside a process spinning on another core, as a trial runs beside the other worker's
+(`--no-busy`: on an idle machine), and says whether both ways gave the same values.
 
-    python bench/study_overheads.py [--repeats 3]
+    python bench/study_overheads.py [--repeats 3] [--no-busy]
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import io
 import os
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -88,12 +93,39 @@ def figures(repeats: int) -> list[tuple[str, float, float, float, float]]:
     return rows
 
 
+def bio_score(repeats: int, busy: bool) -> tuple[str, float, float, float, float]:
+    """A trial's bio_score (k-means, silhouette, k-NN) of 600 cells in 10 cell types, in the
+    pools' default threads and in one, beside a spinning process unless not `busy`."""
+    from threadpoolctl import threadpool_limits
+
+    from melvae.evaluate import bio_conservation
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 60).astype(str)
+    latent = rng.normal(size=(600, 10)) + 2 * (labels[:, None] == np.arange(10).astype(str))
+    spin = [sys.executable, "-c", "while True: pass"]
+    spinner = subprocess.Popen(spin) if busy else None
+    try:
+        default = bio_conservation(latent, labels)
+        before = _timed(lambda: bio_conservation(latent, labels), repeats)
+        with threadpool_limits(limits=1):
+            same = bio_conservation(latent, labels) == default
+            after = _timed(lambda: bio_conservation(latent, labels), repeats)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+    beside = ", busy core" if busy else ""
+    return (f"bio_score, 600 cells{beside} (same: {same})", *before, *after)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-busy", dest="busy", action="store_false")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    rows = figures(args.repeats)
+    rows = [*figures(args.repeats), bio_score(args.repeats, args.busy)]
     print(f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; wall (CPU)")
     print(f"{'':46s}{'before':>16s}{'after':>16s}{'after/before':>16s}")
     for name, wall0, cpu0, wall1, cpu1 in rows:
