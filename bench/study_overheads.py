@@ -7,7 +7,12 @@ held to the worker's one thread, `melvae.tuning._threads`), and prints the ratio
 row runs beside a process spinning on another core, as a trial runs beside the other worker's
 (`--no-busy`: on an idle machine), and says whether both ways gave the same values.
 
-    python bench/study_overheads.py [--repeats 3] [--no-busy]
+The worker warm-up row starts fresh worker-like processes by turns, each importing what
+`python -m melvae.study` imports, reading a job file, then timing from the moment its index
+would come to the end of its first trial (1 epoch, on a study whose tables exist): without
+warming up while it waited, as before, and after `melvae.study.warmup.warm_up`, as now.
+
+    python bench/study_overheads.py [--repeats 3] [--no-busy] [--no-worker]
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import argparse
 import io
 import os
 import resource
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -119,13 +127,73 @@ def bio_score(repeats: int, busy: bool) -> tuple[str, float, float, float, float
     return (f"bio_score, 600 cells{beside} (same: {same})", *before, *after)
 
 
+# A worker-like process: its imports and job as a worker has them while it waits, then (timed)
+# what follows its index: its first trial, after a warm-up while it waited or without one.
+_FIRST_TRIAL = """
+import resource, sys, time
+import torch
+import melvae.study.__main__
+from melvae.study import warmup, workers
+from melvae.study.runner import run_study
+torch.set_num_threads(1)
+job = workers.read_job(sys.argv[1])
+if sys.argv[2] == "warm":
+    warmup.warm_up()
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+wall, used = time.perf_counter(), cpu()
+run_study(job.config, data=job.data, n_trials=1, epochs_cap=1, progress=False, summarise=False)
+print(time.perf_counter() - wall, cpu() - used)
+"""
+
+
+def worker_warm_up(repeats: int) -> tuple[str, float, float, float, float]:
+    """A worker's first trial after its index came, without and with `warm_up` while it
+    waited: fresh processes by turns (after one that creates the tables), mean wall and CPU."""
+    from melvae.study import workers
+    from melvae.study.config import load_study_config
+    from melvae.study.runner import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # GEO unreachable: the offline PBMC fallback
+        os.environ["MELVAE_GEO_URL"] = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        os.environ["MELVAE_DATA_DIR"] = str(Path(tmp) / "cache")
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        config = load_study_config()
+        job = workers.write_job(workers.Job(config, prepare_data(config), {}), Path(tmp))
+
+        def first_trial(way: str) -> tuple[float, float]:
+            done = subprocess.run(
+                [sys.executable, "-c", _FIRST_TRIAL, str(job), way],
+                cwd=tmp, env=env, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            wall, cpu = done.stdout.split()[-2:]
+            return float(wall), float(cpu)
+
+        first_trial("cold")  # creates the study and the MLflow tables, as worker 0 does
+        times = {"cold": [], "warm": []}
+        for _ in range(repeats):
+            for way in times:
+                times[way].append(first_trial(way))
+    cold, warm = (np.mean(times[way], axis=0) for way in ("cold", "warm"))
+    return ("worker: index -> first trial done, s", *cold, *warm)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-busy", dest="busy", action="store_false")
+    parser.add_argument("--no-worker", dest="worker", action="store_false")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     rows = [*figures(args.repeats), bio_score(args.repeats, args.busy)]
+    rows += [worker_warm_up(args.repeats)] if args.worker else []
     print(f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; wall (CPU)")
     print(f"{'':46s}{'before':>16s}{'after':>16s}{'after/before':>16s}")
     for name, wall0, cpu0, wall1, cpu1 in rows:

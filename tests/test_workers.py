@@ -5,7 +5,9 @@ before the data, gone with nothing written when their run is refused or dies fir
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,3 +277,64 @@ def test_a_worker_whose_run_dies_before_the_job_exists_exits_by_itself_writing_n
         assert time.monotonic() < deadline, "the orphaned worker never ended"
         time.sleep(0.2)
     assert not (tmp_path / "mlruns").exists(), "the worker wrote nothing"
+
+
+# A worker's first trial, in a process that has imported what `python -m melvae.study` imports
+# and read its job, as a worker has while it waits; prints the warm-up modules it had loaded
+# before the trial and those loaded after.
+_FIRST_TRIAL = """
+import json, sys
+import melvae.study.__main__
+from melvae.study import warmup, workers
+from melvae.study.runner import run_study
+job = workers.read_job(sys.argv[1])
+before = [m for m in warmup.FIRST_TRIAL_MODULES if m in sys.modules]
+run_study(job.config, data=job.data, n_trials=1, epochs_cap=1, progress=False, summarise=False)
+after = [m for m in warmup.FIRST_TRIAL_MODULES if m in sys.modules]
+print(json.dumps([before, after]))
+"""
+
+
+@pytest.mark.slow
+def test_the_warm_up_imports_what_a_workers_first_trial_needs_and_its_imports_lack(tmp_path):
+    from melvae.study.runner import prepare_data
+    from melvae.study.warmup import FIRST_TRIAL_MODULES
+
+    env = worker_env(tmp_path)
+    config = load_study_config()
+    job = workers.write_job(workers.Job(config, prepare_data(config), {}), tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_TRIAL, str(job)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = json.loads(done.stdout.splitlines()[-1])
+    assert before == [], "a waiting worker has not imported them without its warm-up"
+    assert after == list(FIRST_TRIAL_MODULES), "its first trial imports every one of them"
+
+
+def test_a_worker_dismissed_after_warming_up_exits_0_having_written_nothing(tmp_path):
+    from melvae.study.warmup import FIRST_TRIAL_MODULES
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    argv = workers.worker_argv(tmp_path / "never-written.pickle", threads=1)
+    worker = subprocess.Popen(
+        [argv[0], "-v", *argv[1:]],
+        cwd=workdir,
+        env=worker_env(tmp_path),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker.stdin.close()  # dismissed (`Crew.dismiss`): no index will come
+    errors = worker.stderr.read()
+    assert worker.wait(timeout=300) == 0, errors[-3000:]
+    assert "Traceback" not in errors
+    imported = set(re.findall(r"^import '([\w.]+)' #", errors, flags=re.MULTILINE))  # python -v
+    assert set(FIRST_TRIAL_MODULES) <= imported, "it warmed up before exiting"
+    assert list(workdir.iterdir()) == [], "no store, no file"

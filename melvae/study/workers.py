@@ -17,10 +17,11 @@ trial budget, and `run --workers N` (N worker processes on this machine).
   read the data and the study from one job file (`write_job`), so an AnnData in a notebook's
   memory or a study given as a dict reach them too. They are started before the caller reads
   the data, so their imports overlap its preparation; each then waits on its stdin for its
-  sampler index (`Crew.go`, sent once the job file is written) and exits without touching
-  anything if the caller dismisses it, is refused or dies first (`wait_for_go`). When the trials
-  are done, one of them (the job's registrar) registers the champion while worker 0 scores it on
-  test, runs the baselines and writes the report (`write_registration`).
+  sampler index (`Crew.go`, sent once the job file is written), importing meanwhile what its
+  first trial needs (`melvae.study.warmup`), and exits without touching anything if the caller
+  dismisses it, is refused or dies first (`wait_for_go`). When the trials are done, one of them
+  (the job's registrar) registers the champion while worker 0 scores it on test, runs the
+  baselines and writes the report (`write_registration`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from melvae.study.config import StudyConfig
 from melvae.study.objective import PreparedData
 from melvae.study.recovery import process_alive, stop_if_terminated, terminate
 from melvae.study.storage import first_time_lock
+from melvae.study.warmup import warm_up
 
 # A model whose two gene-facing layers hold at least this many weights trains in one process
 # with all the threads: the original study's 17,994 genes x hidden 256 (9.2 M) gets ~1.4x from
@@ -344,10 +346,12 @@ def worker_argv(job: Path, *, threads: int) -> list[str]:
 
 
 def wait_for_go(source: BinaryIO) -> int | None:
-    """In a worker process: wait until the caller has written the job (`Crew.go`) and return
-    this worker's sampler index; None if the caller dismissed it, died, or the worker was
-    stopped (Ctrl-C, SIGTERM) first: it then has nothing to do and has written nothing."""
+    """In a worker process: import what its first trial needs (`warmup.warm_up`, writing
+    nothing), then wait until the caller has written the job (`Crew.go`) and return this
+    worker's sampler index; None if the caller dismissed it, died, or the worker was stopped
+    (Ctrl-C, SIGTERM) first: it then has nothing to do and has written nothing."""
     try:
+        warm_up()
         line = source.readline()
     except KeyboardInterrupt:
         return None
