@@ -5,7 +5,10 @@ Each row times one thing two ways in this one process, back to back: as melvae d
 bio_score in the native pools' default threads) and as it does now (fixed margins; the pools
 held to the worker's one thread, `melvae.tuning._threads`), and prints the ratio. The bio_score
 row runs beside a process spinning on another core, as a trial runs beside the other worker's
-(`--no-busy`: on an idle machine), and says whether both ways gave the same values.
+(`--no-busy`: on an idle machine), and says whether both ways gave the same values. The user
+attributes row sets a trial's end-of-trial attributes (its model URI, 18 metrics, its curve) on
+a SQLite study file in the current folder's file system: one `set_user_attr` (one commit) each,
+as before, and all in one transaction (`melvae.study.storage.set_user_attrs`), as now.
 
 The worker warm-up row starts fresh worker-like processes by turns, each importing what
 `python -m melvae.study` imports, reading a job file, then timing from the moment its index
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -185,6 +189,31 @@ def worker_warm_up(repeats: int) -> tuple[str, float, float, float, float]:
     return ("worker: index -> first trial done, s", *cold, *warm)
 
 
+def user_attrs(repeats: int) -> tuple[str, float, float, float, float]:
+    """A default-study trial's end-of-trial user attributes on a fresh SQLite study file, set
+    one by one and in one transaction (a new trial for every call)."""
+    import optuna
+
+    from melvae.study.storage import open_storage, set_user_attrs
+
+    attrs: dict[str, object] = {"model_uri": "runs:/0123456789abcdef/model"}
+    attrs |= {f"metric_{i}": 0.5 + i for i in range(18)}
+    attrs["val_loss_curve"] = [300.0 + e for e in range(150)]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory(dir=".") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: heartbeats are for `optimize`
+        study = optuna.create_study(storage=open_storage(f"sqlite:///{folder}/optuna.db"))
+
+        def one_by_one() -> None:
+            trial = study.ask()
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+
+        before = _timed(one_by_one, repeats)
+        after = _timed(lambda: set_user_attrs(study.ask(), attrs), repeats)
+    return (f"a trial's {len(attrs)} user attributes, SQLite", *before, *after)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -192,7 +221,7 @@ def main() -> None:
     parser.add_argument("--no-worker", dest="worker", action="store_false")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    rows = [*figures(args.repeats), bio_score(args.repeats, args.busy)]
+    rows = [*figures(args.repeats), bio_score(args.repeats, args.busy), user_attrs(args.repeats)]
     rows += [worker_warm_up(args.repeats)] if args.worker else []
     print(f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; wall (CPU)")
     print(f"{'':46s}{'before':>16s}{'after':>16s}{'after/before':>16s}")

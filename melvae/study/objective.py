@@ -24,6 +24,7 @@ from melvae.study.pruning import CURVE_ATTR, epoch_pruner
 from melvae.study.recovery import stop_if_terminated
 from melvae.study.scoring import EVAL_MAX_CELLS, SplitScores, metric_batches
 from melvae.study.selection import integration_metrics
+from melvae.study.storage import set_user_attrs
 from melvae.train import EpochCallback, NonFiniteLossError
 
 # The epoch budget a trial trained with (after `run --epochs`), so baselines can reuse it.
@@ -153,8 +154,7 @@ class Objective:
         with track.trial_run(
             self.experiment_id, trial_number=trial.number, tags=tags, settings=params
         ) as run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr(EPOCHS_ATTR, params["epochs"])
+            set_user_attrs(trial, {"mlflow_run_id": run_id, EPOCHS_ATTR: params["epochs"]})
             track.log_params(self._run_params(params))
             try:
                 model = self._fit(trial, params)
@@ -184,10 +184,9 @@ class Objective:
                 track.TSNE_FILE,
             )
             model_uri = log_trial_model(model, self.data.val)
-            trial.set_user_attr("model_uri", model_uri)
-            for name, value in metrics.items():
-                trial.set_user_attr(name, value)
-            trial.set_user_attr(CURVE_ATTR, model.history.val_loss)
+            set_user_attrs(
+                trial, {"model_uri": model_uri, **metrics, CURVE_ATTR: model.history.val_loss}
+            )
             stop_if_terminated()  # a stop that arrived while it was scored stops it too
         metrics["val_loss"] = metrics["best_val_loss"]
         values = [metrics[name] for name in self.config.objectives]
