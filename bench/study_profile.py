@@ -214,6 +214,7 @@ def timeline(n_trials: int | None, epochs: int | None) -> None:
     rows: list[tuple[str, float, float]] = [
         ("start: imports, data, study, MLflow tables", started, first)
     ]
+    begins = []
     for index, parent in enumerate(parents):
         mine = [r for r in trials if r["tags"].get("mlflow.parentRunId") == parent["id"]]
         if not mine:
@@ -222,6 +223,11 @@ def timeline(n_trials: int | None, epochs: int | None) -> None:
         begin, end = min(r["start"] for r in mine), max(r["end"] for r in mine)
         label = f"worker {index}: {len(mine)} trials, busy {busy:.1f} s"
         rows.append((label, begin, end))
+        begins.append((index, begin))
+    rows += [
+        (f"worker {index}'s first trial after worker 0's", begins[0][1], begin)
+        for index, begin in begins[1:]
+    ]
     rows.append(("all trials", first, last))
     baselines = at["baseline"]
     if baselines:
