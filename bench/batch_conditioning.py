@@ -83,6 +83,15 @@ VARIANTS: dict[str, dict[str, object]] = {
         for head in (10.0, 30.0)
     },
 }
+# The adversary's classifier at a multiple of the learning rate (bench/adversary_game.py).
+VARIANTS |= {
+    f"{name}, classifier rate {scale:g}": {
+        **VARIANTS[name],
+        "batch_adversary_learning_rate_scale": scale,
+    }
+    for name in ("adversary 30", "label adversary 30 + label head 10")
+    for scale in (10.0, 30.0)
+}
 EXPERIMENT_3 = {"hidden_dim": 256, "latent_dim": 5}
 HELD_OUT_PATIENTS = 4
 
