@@ -83,17 +83,32 @@ VARIANTS: dict[str, dict[str, object]] = {
         for head in (10.0, 30.0)
     },
 }
+# The adversary's classifier at a multiple of the learning rate (bench/adversary_game.py).
+VARIANTS |= {
+    f"{name}, classifier rate {scale:g}": {
+        **VARIANTS[name],
+        "batch_adversary_learning_rate_scale": scale,
+    }
+    for name in ("adversary 30", "label adversary 30 + label head 10")
+    for scale in (10.0, 30.0)
+}
 EXPERIMENT_3 = {"hidden_dim": 256, "latent_dim": 5}
 HELD_OUT_PATIENTS = 4
 
 
-def _fit(train: ad.AnnData, variant: dict[str, object], seed: int) -> MelVAE:
+def fit_split(train: ad.AnnData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted indices of the cells `fit_variant` trains on and of those it validates on."""
     fit, val = train_test_split(
         np.arange(train.n_obs), test_size=0.15, random_state=seed, stratify=train.obs["cell_type"]
     )
+    return np.sort(fit), np.sort(val)
+
+
+def fit_variant(train: ad.AnnData, variant: dict[str, object], seed: int) -> MelVAE:
+    fit, val = fit_split(train, seed)
     return MelVAE.fit(
-        train[np.sort(fit)],
-        train[np.sort(val)],
+        train[fit],
+        train[val],
         preprocess=PreprocessConfig(seed=seed),
         train=TrainConfig(epochs=100, batch_size=32, learning_rate=1e-3, seed=seed),
         label_key="cell_type",
@@ -125,7 +140,7 @@ def _scores(model: MelVAE, train: ad.AnnData, held: ad.AnnData, seed: int) -> di
     }
 
 
-def _splits(cells: ad.AnnData, seed: int) -> dict[str, tuple[ad.AnnData, ad.AnnData]]:
+def splits(cells: ad.AnnData, seed: int) -> dict[str, tuple[ad.AnnData, ad.AnnData]]:
     keep, held = train_test_split(
         np.arange(cells.n_obs), test_size=0.2, random_state=seed, stratify=cells.obs["cell_type"]
     )
@@ -137,6 +152,13 @@ def _splits(cells: ad.AnnData, seed: int) -> dict[str, tuple[ad.AnnData, ad.AnnD
         "held-out cells": (cells[np.sort(keep)], cells[np.sort(held)]),
         "held-out patients": (cells[~out], cells[out]),
     }
+
+
+def load_cells() -> ad.AnnData:
+    """The shared T-cell subset without its cell types of fewer than 5 cells (stratifiable)."""
+    cells = ad.read_h5ad(SUBSET)
+    counts = cells.obs["cell_type"].astype(str).value_counts()
+    return cells[cells.obs["cell_type"].astype(str).map(counts).to_numpy() >= 5].copy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,16 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    cells = ad.read_h5ad(SUBSET)
-    counts = cells.obs["cell_type"].astype(str).value_counts()
-    cells = cells[cells.obs["cell_type"].astype(str).map(counts).to_numpy() >= 5].copy()
+    cells = load_cells()
     rows = []
     for seed in args.seeds:
-        for protocol, (train, held) in _splits(cells, seed).items():
+        for protocol, (train, held) in splits(cells, seed).items():
             if protocol not in args.protocols:
                 continue
             for variant in args.models:
-                model = _fit(train, VARIANTS[variant], seed)
+                model = fit_variant(train, VARIANTS[variant], seed)
                 try:
                     scores = _scores(model, train, held, seed)
                 except InputError:  # a conditioned encoder cannot embed unseen patients

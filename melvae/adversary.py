@@ -29,6 +29,14 @@ says about the patient *beyond* it, and the encoder is pushed to remove only tha
 within each cell type, what scib's batch ASW measures. The labels are given to the classifier,
 never to the encoder, and only while training: encoding needs no label.
 
+`batch_adversary_learning_rate_scale` (default 1: the shared rate of before) gives the
+classifier its own learning rate, a multiple of the module's (the one optimizer updates it at
+that rate, `melvae.train`). At the shared rate the adversary loses its game: a study's early
+stopping ends training after some 25 epochs, a few hundred classifier steps, and a fresh
+classifier trained on the frozen latent reads validation cells' patients far better than the
+adversary does (`bench/adversary_game.py`), so the encoder is pushed against a classifier that
+no longer tells it where the patient is.
+
 The saved model keeps the classifier: `melvae.json` records the weight, so `load` rebuilds the
 same module and its state loads whole; encoding never uses it (cells of an unseen patient
 encode as without it), and its accuracy stays a diagnostic of how much batch the latent holds.
@@ -88,11 +96,21 @@ class BatchAdversary(nn.Module):
     n_labels
         Cell-type labels it also reads, one-hot, next to the latent (0: none); the classifier
         has one slot more, `n_labels`, for cells without a known label (`label_codes`).
+    learning_rate_scale
+        Its classifier's learning rate as a multiple of the module's (`melvae.train` reads it).
     """
 
-    def __init__(self, latent_dim: int, n_batches: int, weight: float, n_labels: int = 0) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        n_batches: int,
+        weight: float,
+        n_labels: int = 0,
+        learning_rate_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.weight = weight
+        self.learning_rate_scale = learning_rate_scale
         self.label_slots = n_labels + 1 if n_labels else 0
         self.classifier = nn.Sequential(
             nn.Linear(latent_dim + self.label_slots, HIDDEN),

@@ -111,6 +111,7 @@ class VAEModule(nn.Module):
         conditioning = block.pop("batch_conditioning")
         adversary_weight = block.pop("batch_adversary_weight")
         adversary_reads = block.pop("batch_adversary_conditioning")
+        adversary_rate = block.pop("batch_adversary_learning_rate_scale")
         label_weight = block.pop("label_classifier_weight")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
@@ -159,6 +160,7 @@ class VAEModule(nn.Module):
                 n_batches,
                 adversary_weight,
                 n_labels=n_labels if adversary_reads == "label" else 0,
+                learning_rate_scale=adversary_rate,
             )
         if label_weight > 0 and (n_labels == 0 or n_batches == 0):
             raise InputError(
@@ -179,6 +181,14 @@ class VAEModule(nn.Module):
         return self.label_head is not None or (
             self.adversary is not None and self.adversary.reads_labels
         )
+
+    def learning_rate_scales(self) -> dict[nn.Parameter, float]:
+        """The weights trained at a multiple of the learning rate other than 1, with it: the
+        adversary's classifier at `batch_adversary_learning_rate_scale` (empty by default)."""
+        if self.adversary is None or self.adversary.learning_rate_scale == 1:
+            return {}
+        scale = self.adversary.learning_rate_scale
+        return dict.fromkeys(self.adversary.parameters(), scale)
 
     @property
     def encoder_conditioned(self) -> bool:

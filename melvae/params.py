@@ -175,6 +175,18 @@ PARAMS: dict[str, Param] = {
             needs_label_key=True,
         ),
         Param(
+            "batch_adversary_learning_rate_scale",
+            float,
+            _MODULE,
+            "the batch adversary's learning rate as a multiple of learning_rate, so that its "
+            "classifier keeps up with the encoder it is trained against (1 = the shared rate; "
+            "needs a batch key; unused at weight 0)",
+            1.0,
+            low=0,
+            low_open=True,
+            needs_batch_key=True,
+        ),
+        Param(
             "label_classifier_weight",
             float,
             _MODULE,

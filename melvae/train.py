@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -139,9 +139,18 @@ class FusedAdam:
     for the default study's 2,000-gene model, a tenth of its step; this class skips it.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], *, lr: float) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        *,
+        lr: float,
+        scales: Mapping[torch.nn.Parameter, float] | None = None,
+    ) -> None:
+        """`scales`: parameters updated at a multiple of `lr` (the others at `lr` itself)."""
         self.params = list(params)
         self.lr = lr
+        scales = scales or {}
+        self.lrs = [lr * scales.get(p, 1.0) for p in self.params]
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         # torch.optim.Adam's fused state: one float32 step counter per parameter, here the
@@ -167,6 +176,26 @@ class FusedAdam:
             self.step_counts.add_(1)
         else:
             torch._foreach_add_(steps, 1)
+        rates = [self.lrs[i] for i in have]
+        if len(set(rates)) == 1:  # the common case: one fused call over every weight
+            self._fused(params, exp_avgs, exp_avg_sqs, steps, rates[0])
+            return
+        for lr in dict.fromkeys(rates):  # one fused call per learning rate
+            group = [j for j, rate in enumerate(rates) if rate == lr]
+            chosen = (
+                [values[j] for j in group] for values in (params, exp_avgs, exp_avg_sqs, steps)
+            )
+            self._fused(*chosen, lr)
+
+    @staticmethod
+    def _fused(
+        params: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        steps: list[torch.Tensor],
+        lr: float,
+    ) -> None:
+        """torch's fused Adam kernel over `params` at learning rate `lr`."""
         torch._fused_adam_(
             params,
             [p.grad for p in params],
@@ -175,7 +204,7 @@ class FusedAdam:
             [],
             steps,
             amsgrad=False,
-            lr=self.lr,
+            lr=lr,
             beta1=0.9,
             beta2=0.999,
             weight_decay=0.0,
@@ -290,7 +319,9 @@ def train_vae(
     module.to(device)
     order_rng = np.random.default_rng(config.seed)
     noise = torch.Generator(device=device).manual_seed(config.seed)
-    optimizer = FusedAdam(module.parameters(), lr=config.learning_rate)
+    optimizer = FusedAdam(
+        module.parameters(), lr=config.learning_rate, scales=module.learning_rate_scales()
+    )
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     epochs_since_best = 0
