@@ -13,10 +13,12 @@ per-epoch `epoch_cpu_seconds` (training pass + validation loss) its MLflow run l
 epochs `runner.epochs_run`; the champion is the study's own, with its `bio_score` and the
 held-out test metrics (`champion_test_metrics`). The study's whole CPU (this process and its
 worker processes) and wall time are recorded too. Prints, per candidate, the means over seeds
-with their spread (min-max) and the ratio to "file", and one row per run.
+with their spread (min-max) and the ratio to --baseline's ("file"), and one row per run. Training
+CPU on a loaded machine moves by +-20 % for the same trials (the epochs do not).
 
-    python bench/pruning.py --seeds 0 1 2 --out /tmp/pruning
-    python bench/pruning.py --candidates file w5-patience10 --seeds 0 --out /tmp/pruning
+    python bench/pruning.py --seeds 0 1 2 --out /tmp/pruning       # every candidate
+    python bench/pruning.py --candidates w20-patience15 file --baseline w20-patience15 \\
+        --seeds 0 --out /tmp/pruning
     python bench/pruning.py --workers auto --threads 0 --out /tmp/pruning-auto  # as users run it
     python bench/pruning.py --table-only /tmp/pruning
 
@@ -49,6 +51,10 @@ from study_profile import offline
 # "early_stopping_patience" ([train]).
 CANDIDATES: dict[str, dict[str, Any]] = {
     "file": {},
+    "w20-patience15": {  # the default study before issue 16
+        "pruner": {"n_warmup_steps": 20, "n_startup_trials": 5},
+        "early_stopping_patience": 15,
+    },
     "w5-patience10": {"pruner": {"n_warmup_steps": 5}, "early_stopping_patience": 10},
     "w10-patience10": {"pruner": {"n_warmup_steps": 10}, "early_stopping_patience": 10},
     "w5-startup3-patience10": {
@@ -113,6 +119,7 @@ def trial_rows(study, tracking_uri: str) -> list[dict[str, Any]]:
                 "train_cpu_s": float(sum(m.value for m in history)),
                 "bio_score": trial.user_attrs.get("bio_score"),
                 "val_loss": trial.values[0] if trial.values else None,
+                "params": trial.params,
             }
         )
     return rows
@@ -182,8 +189,8 @@ COLUMNS = ("train_cpu_s", "epochs", "pruned", "process_cpu_s", "wall_s", "bio_sc
 RATIOS = ("train_cpu_s", "epochs", "process_cpu_s", "wall_s")
 
 
-def print_table(out: Path) -> None:
-    """Per candidate: mean [min-max] over seeds, ratios to "file"; then one row per run."""
+def print_table(out: Path, baseline: str = "file") -> None:
+    """Per candidate: mean [min-max] over seeds, ratios to `baseline`'s; then one row per run."""
     records = saved_results(out)
     if not records:
         return
@@ -192,8 +199,8 @@ def print_table(out: Path) -> None:
     plans = sorted({r["plan"] for r in records})
     loads = [x for r in records for x in (r["load_start"], r["load_end"])]
     print(f"\nplan: {'; '.join(plans)}; load average {min(loads):.1f}-{max(loads):.1f}")
-    print("== per candidate: mean [min - max] over seeds; ratio: mean / file's mean ==")
-    baseline = [v for (c, _), v in runs.items() if c == "file"]
+    print(f"== per candidate: mean [min - max] over seeds; ratio: mean / {baseline}'s mean ==")
+    reference = [v for (c, _), v in runs.items() if c == baseline]
     for candidate in candidates:
         mine = [v for (c, _), v in runs.items() if c == candidate]
         seeds = sorted(s for c, s in runs if c == candidate)
@@ -201,18 +208,18 @@ def print_table(out: Path) -> None:
         for column in COLUMNS:
             values = np.array([v[column] for v in mine], dtype=float)
             line = f"  {column:18s}{values.mean():9.3f}  [{values.min():.3f} - {values.max():.3f}]"
-            if baseline and column in RATIOS:
-                ratio = values.mean() / np.mean([v[column] for v in baseline])
+            if reference and column in RATIOS:
+                ratio = values.mean() / np.mean([v[column] for v in reference])
                 line += f"   x{ratio:.2f}"
             print(line)
     print("\n== per run ==")
-    header = ["candidate", "seed", *COLUMNS, "champion", "x file cpu"]
+    header = ["candidate", "seed", *COLUMNS, "champion", f"x {baseline} cpu"]
     print("  ".join(f"{h:>10.10s}" for h in header))
     for (candidate, seed), v in sorted(
         runs.items(), key=lambda i: (i[0][1], candidates.index(i[0][0]))
     ):
-        file = runs.get(("file", seed))
-        ratio = v["train_cpu_s"] / file["train_cpu_s"] if file else float("nan")
+        base = runs.get((baseline, seed))
+        ratio = v["train_cpu_s"] / base["train_cpu_s"] if base else float("nan")
         cells = [candidate, seed, *(v[c] for c in COLUMNS), v["champion"], ratio]
         print("  ".join(_cell(c) for c in cells))
 
@@ -234,11 +241,12 @@ def main() -> int:
     parser.add_argument("--n-trials", type=int, help="default: the study file's (20)")
     parser.add_argument("--epochs", type=int, help="cap epochs (quick looks only)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/melvae-pruning"))
+    parser.add_argument("--baseline", default="file", help="the candidate ratios are to")
     parser.add_argument("--table-only", type=Path, metavar="DIR", help="reprint saved runs")
     parser.add_argument("--one", nargs=2, metavar=("CANDIDATE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table_only is not None:
-        print_table(args.table_only)
+        print_table(args.table_only, args.baseline)
         return 0
     if args.one is not None:  # one run, in a process of its own (imports count for every run)
         workers = args.workers if args.workers == "auto" else int(args.workers)
@@ -256,7 +264,7 @@ def main() -> int:
             print(f"{time.strftime('%H:%M:%S')} {candidate} seed {seed} ...", flush=True)
             one = [sys.executable, __file__, "--one", candidate, str(seed), *common]
             subprocess.run(one, check=True, stderr=subprocess.DEVNULL)
-    print_table(args.out)
+    print_table(args.out, args.baseline)
     return 0
 
 
