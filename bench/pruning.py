@@ -41,11 +41,14 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from saved import save_result, saved_results
 from study_profile import offline
+
+if TYPE_CHECKING:
+    import optuna
 
 # name -> overrides: "pruner" (keys replacing the file's [pruner] options) and
 # "early_stopping_patience" ([train]).
@@ -99,9 +102,9 @@ def process_cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def trial_rows(study, tracking_uri: str) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study, tracking_uri: str) -> list[dict[str, Any]]:
     """Each trial: state, whether a seed trial, epochs trained, training CPU s, scores."""
-    import mlflow
+    import mlflow  # here, not at the top: --table-only needs neither MLflow nor melvae
 
     from melvae.study.runner import epochs_run
 
