@@ -154,7 +154,7 @@ def instrument(clock: Clock) -> None:
             setattr(owner, attribute, wrap(part, function))
 
 
-def _offline(folder: Path) -> None:
+def offline(folder: Path) -> None:
     """GEO unreachable (a closed local port), a private cache, MLflow in the folder."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -191,7 +191,7 @@ def timeline(n_trials: int | None, epochs: int | None) -> None:
     root = str(Path(__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _offline(folder)
+        offline(folder)
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
@@ -279,7 +279,7 @@ def main() -> None:
     instrument(clock)
     config = load_study_config()
     with tempfile.TemporaryDirectory() as tmp:
-        _offline(Path(tmp))
+        offline(Path(tmp))
         load = os.getloadavg()[0]
         started = time.perf_counter()
         outcome = run_study(config, n_trials=args.n_trials, epochs_cap=args.epochs, progress=False)

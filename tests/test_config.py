@@ -17,6 +17,11 @@ DOCUMENTED_EXPERIMENTS = [
     {"hidden_dim": 256, "latent_dim": 5, "learning_rate": 1e-3, "epochs": 100, "batch_size": 32},
 ]
 SEED_TRIALS = [experiment | ORIGINAL_ARCHITECTURE for experiment in DOCUMENTED_EXPERIMENTS]
+# The default file's pruner lines as it writes them, whatever their values, for the tests that
+# edit them.
+_FILE = load_study_config(DEFAULT_STUDY)
+WARMUP_LINE = f"n_warmup_steps = {_FILE.pruner['n_warmup_steps']}"
+STARTUP_LINE = f"n_startup_trials = {_FILE.pruner['n_startup_trials']}"
 
 
 def test_default_study_seeds_the_three_documented_experiments_exactly():
@@ -90,7 +95,7 @@ def test_missing_or_broken_study_file(tmp_path):
     ("old", "new", "message"),
     [
         ('type = "tpe"', 'type = "cmaes"', "unknown type 'cmaes'"),
-        ("n_warmup_steps = 20", "n_warmup_epochs = 20", "unknown pruner option"),
+        (WARMUP_LINE, "n_warmup_epochs = 5", "unknown pruner option"),
         ('type = "median"', 'type = "hyperband"', "cannot prune a multi-objective study"),
         ('metrics = ["val_loss", "bio_score"]', 'metric = "bio_score"', "unknown type 'vibes'"),
     ],
@@ -99,7 +104,9 @@ def test_unknown_sampler_or_pruner_settings_are_named(tmp_path, old, new, messag
     from melvae.study.runner import create_study
 
     path = tmp_path / "study.toml"
-    text = DEFAULT_STUDY.read_text().replace(old, new)
+    text = DEFAULT_STUDY.read_text()
+    assert old in text
+    text = text.replace(old, new)
     if "vibes" in message:  # a single-objective study: Optuna's own pruners, checked by Optuna
         text = text.replace('rule = "bio_within_loss"', 'rule = "objective"')
         text = text.replace('type = "median"', 'type = "vibes"')
@@ -155,7 +162,7 @@ LOAD_TIME_MISTAKES = {
     "fixed hidden 0": ("[model]\n", "[model]\nhidden_dim = 0\n", "[model] hidden_dim"),
     "fixed norm": ("[model]\n", '[model]\nnorm = "group"\n', "[model] norm"),
     "negative warm-up": ("kl_warmup_epochs = 0\nearly", "kl_warmup_epochs = -1\nearly", "warmup"),
-    "fractional seed": ("early_stopping_patience = 15\nseed = 0", "seed = 0.5", "seed"),
+    "fractional seed": ("seed = 0\n\n[search", "seed = 0.5\n\n[search", "[train] seed"),
     "searched dropout 1.5": ("choices = [0.0, 0.1, 0.2]", "choices = [0.0, 1.5]", "dropout"),
     "fractional size choice": ("choices = [64, 128,", "choices = [64.5, 128,", "hidden_dim"),
     "fractional int range": ("low = 2\nhigh = 32", "low = 2.5\nhigh = 32", "latent_dim"),
@@ -166,8 +173,8 @@ LOAD_TIME_MISTAKES = {
     ),
     "string size": ("choices = [32, 64, 128]", 'choices = ["32", 64]', "batch_size"),
     "unknown norm choice": ('choices = ["none", "layer"]', 'choices = ["none", "x"]', "norm"),
-    "negative warm-up steps": ("n_warmup_steps = 20", "n_warmup_steps = -1", "n_warmup_steps"),
-    "fractional startup": ("n_startup_trials = 5", "n_startup_trials = 2.5", "n_startup_trials"),
+    "negative warm-up steps": (WARMUP_LINE, "n_warmup_steps = -1", "n_warmup_steps"),
+    "fractional startup": (STARTUP_LINE, "n_startup_trials = 2.5", "n_startup_trials"),
     "fractional seed trial": ("latent_dim = 10\nlearning", "latent_dim = 10.0\nlearning", "latent"),
 }
 

@@ -96,6 +96,7 @@ def test_curve_median_pruner_stops_a_trial_worse_than_the_median_of_finished_one
 def test_multi_objective_study_prunes_on_the_loss_end_to_end(tmp_path, monkeypatch):
     from melvae.study.config import load_study_config
     from melvae.study.runner import run_study
+    from tests.test_config import STARTUP_LINE, WARMUP_LINE
     from tests.test_study import _offline, _quick_config
 
     _offline(monkeypatch, tmp_path)
@@ -103,8 +104,8 @@ def test_multi_objective_study_prunes_on_the_loss_end_to_end(tmp_path, monkeypat
         tmp_path,
         **{
             'name = "melanoma-vae"': 'name = "mo-prune"',
-            "n_startup_trials = 5": "n_startup_trials = 1",
-            "n_warmup_steps = 20": "n_warmup_steps = 0",
+            STARTUP_LINE: "n_startup_trials = 1",
+            WARMUP_LINE: "n_warmup_steps = 0",
             # Trial 0 learns ten times faster than trial 1 (documented experiment 2, lr 1e-4).
             "latent_dim = 2\nlearning_rate = 1e-4": "latent_dim = 2\nlearning_rate = 1e-2",
         },

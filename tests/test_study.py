@@ -329,6 +329,7 @@ def test_ui_serves_the_study_page(tracked):
 def _quick_config(tmp_path: Path, **replacements: str) -> Path:
     text = DEFAULT_STUDY.read_text()
     for old, new in replacements.items():
+        assert old in text, f"{old!r} is not in {DEFAULT_STUDY}: the test would run the file as is"
         text = text.replace(old, new)
     path = tmp_path / "quick.toml"
     path.write_text(text)
