@@ -15,6 +15,10 @@ The worker warm-up row starts fresh worker-like processes by turns, each importi
 would come to the end of its first trial (1 epoch, on a study whose tables exist): without
 warming up while it waited, as before, and after `melvae.study.warmup.warm_up`, as now.
 
+The MLflow tables row creates MLflow's tables in fresh SQLite files by turns, as MLflow does
+(a disk flush per statement) and as `run` now does (`melvae.study.fresh_tables`), each followed
+by MLflow opening its store on the file.
+
     python bench/study_overheads.py [--repeats 3] [--no-busy] [--no-worker]
 """
 
@@ -214,6 +218,31 @@ def user_attrs(repeats: int) -> tuple[str, float, float, float, float]:
     return (f"a trial's {len(attrs)} user attributes, SQLite", *before, *after)
 
 
+def mlflow_tables(repeats: int) -> tuple[str, float, float, float, float]:
+    """MLflow's store opened on a fresh SQLite file: creating its tables itself, and after
+    `create_mlflow_tables`; by turns, mean wall and CPU."""
+    import logging
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from melvae.study.fresh_tables import create_mlflow_tables
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(repeats + 1):  # the first pair imports and warms up, untimed
+            for ours in (False, True):
+                uri = f"sqlite:///{tmp}/{attempt}-{ours}.db"
+                wall, cpu = time.perf_counter(), _cpu()
+                if ours:
+                    create_mlflow_tables(uri)
+                SqlAlchemyStore(uri, f"{tmp}/artifacts").engine.dispose()
+                if attempt:
+                    times[ours].append((time.perf_counter() - wall, _cpu() - cpu))
+    before, after = (np.mean(times[ours], axis=0) for ours in (False, True))
+    return ("MLflow tables, fresh SQLite file, s", *before, *after)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -223,6 +252,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     rows = [*figures(args.repeats), bio_score(args.repeats, args.busy), user_attrs(args.repeats)]
     rows += [worker_warm_up(args.repeats)] if args.worker else []
+    rows += [mlflow_tables(args.repeats)]
     print(f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; wall (CPU)")
     print(f"{'':46s}{'before':>16s}{'after':>16s}{'after/before':>16s}")
     for name, wall0, cpu0, wall1, cpu1 in rows:

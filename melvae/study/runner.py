@@ -30,6 +30,7 @@ from melvae.register import Registration, load_model, model_name, register_and_p
 from melvae.study import workers
 from melvae.study.baselines import comparison_table, margins_over_best, run_baselines
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
+from melvae.study.fresh_tables import create_mlflow_tables
 from melvae.study.identity import check_identity, stored_selection
 from melvae.study.objective import Objective, PreparedData, study_params
 from melvae.study.progress import trial_progress
@@ -209,6 +210,7 @@ def create_experiment(study_name: str, tracking_uri: str | None) -> tuple[str, s
     """
     uri = track.use_backend(tracking_uri)
     with first_time_lock(uri):
+        create_mlflow_tables(uri)  # a fresh SQLite file: without a disk flush per statement
         return uri, track.ensure_experiment(study_name, uri)
 
 
