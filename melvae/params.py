@@ -198,6 +198,18 @@ PARAMS: dict[str, Param] = {
             needs_batch_key=True,
             needs_label_key=True,
         ),
+        Param(
+            "batch_mmd_weight",
+            float,
+            _MODULE,
+            "weight of a maximum mean discrepancy on the latent between each batch's cells and "
+            "the other batches' cells of the same cell type (0 = none; needs a batch key and "
+            "labels; changes gradients, not the loss values)",
+            0.0,
+            low=0,
+            needs_batch_key=True,
+            needs_label_key=True,
+        ),
         Param("learning_rate", float, _TRAIN, "Adam's learning rate", 1e-3, low=0, low_open=True),
         Param("epochs", int, _TRAIN, "most epochs to train", 100, low=1),
         Param("batch_size", int, _TRAIN, "cells per minibatch", 32, low=1),
