@@ -21,6 +21,8 @@ term changes the training gradients, never the loss values (the negative ELBO). 
 `batch_adversary_conditioning = "label"` that classifier also reads each training cell's
 cell-type label (`n_labels` > 0 labels, plus an "unknown" slot): the per-cell codes `loss` gets
 are then (cells x 2), the batch code and the label code; the encoder and decoder never see it.
+The label head (`melvae.label_head`) and the within-cell-type MMD (`batch_mmd_weight`,
+`melvae.mmd`) read those label codes too, likewise only while training.
 """
 
 from __future__ import annotations
