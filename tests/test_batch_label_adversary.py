@@ -104,7 +104,7 @@ def test_refused_without_labels():
     assert config.needs_label_key() == []
     # A batch-keyed study searches both; on data without labels it drops them, no more.
     batched = config.with_batch_key("sample")
-    label_dims = {"batch_adversary_conditioning", "label_classifier_weight", "batch_mmd_weight"}
+    label_dims = {"batch_adversary_conditioning", "label_classifier_weight"}
     assert label_dims <= {p.name for p in batched.search}
     unlabelled = batched.without_label_search()
     assert {p.name for p in batched.search} - {p.name for p in unlabelled.search} == label_dims
