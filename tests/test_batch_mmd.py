@@ -7,9 +7,6 @@ default study does not search it."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import anndata as ad
 import numpy as np
 import pytest
@@ -19,10 +16,8 @@ from melvae.errors import InputError
 from melvae.mmd import within_label_mmd
 from melvae.model import MelVAE
 from melvae.module import VAEModule
-from melvae.study.__main__ import main
 from melvae.study.config import load_study_config
 from tests.test_adversary import UNSEEN, _fit, patients  # noqa: F401
-from tests.test_study import _offline, _quick_config
 
 MMD = {"batch_mmd_weight": 10.0, "label_key": "cell_type"}
 
@@ -88,18 +83,10 @@ def test_weight_0_creates_nothing_and_no_loss_value_changes():
         VAEModule(50, 16, 4, n_batches=3, batch_mmd_weight=5.0)
 
 
-def test_a_study_that_sets_it_without_a_batch_key_exits_2(tmp_path, monkeypatch):
+def test_the_default_study_does_not_search_it():
     assert "batch_mmd_weight" not in {
         p.name for p in load_study_config().with_batch_key("sample").search
     }
-    _offline(monkeypatch, tmp_path)
-    study = _quick_config(tmp_path, **{"[model]\n": "[model]\nbatch_mmd_weight = 10.0\n"})
-    assert load_study_config(study).needs_batch_key() == ["batch_mmd_weight"]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert main(["run", "--study", str(study), "--n-trials", "1", "--quiet"]) == 2
-    assert "batch_mmd_weight" in err.getvalue()
-    assert not (tmp_path / "mlruns").exists()
 
 
 def test_weight_0_trains_bit_for_bit_as_before(patients):  # noqa: F811
