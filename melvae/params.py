@@ -178,9 +178,8 @@ PARAMS: dict[str, Param] = {
             "batch_adversary_learning_rate_scale",
             float,
             _MODULE,
-            "the batch adversary's learning rate as a multiple of learning_rate, so that its "
-            "classifier keeps up with the encoder it is trained against (1 = the shared rate; "
-            "needs a batch key; unused at weight 0)",
+            "the batch adversary's learning rate as a multiple of learning_rate (1 = the "
+            "shared rate; needs a batch key; unused at weight 0)",
             1.0,
             low=0,
             low_open=True,
