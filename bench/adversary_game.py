@@ -3,7 +3,8 @@
 At the fixed settings of `bench/batch_conditioning.py` (shared T-cell subset, `sample` as
 batch, experiment 3, held-out-cells protocol), for each seed and model: fit, then read the
 patient off the frozen latent twice, on the fitting cells and on the validation cells:
-- `adversary`: the model's own trained classifier (`melvae.adversary.adversary_metrics`);
+- `adversary`: the model's own trained classifier (`melvae.adversary.adversary_metrics`; NaN
+  for a model without one);
 - `post hoc`: a fresh classifier of the same shape (2 x 32 hidden; reading the label too where
   the adversary does), trained on the fitting cells' frozen posterior means alone.
 If the fresh one reads patients far better than the adversary, the latent still holds the

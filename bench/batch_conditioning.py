@@ -92,6 +92,16 @@ VARIANTS |= {
     for name in ("adversary 30", "label adversary 30 + label head 10")
     for scale in (10.0, 30.0)
 }
+# Batches matched within cell types by MMD (melvae/mmd.py), alone and with the label head.
+VARIANTS |= {
+    f"MMD {weight:g}{head}": {
+        "batch_key": "sample",
+        "batch_mmd_weight": weight,
+        **({"label_classifier_weight": 10.0} if head else {}),
+    }
+    for weight in (3.0, 10.0, 30.0, 100.0)
+    for head in ("", " + label head 10")
+}
 EXPERIMENT_3 = {"hidden_dim": 256, "latent_dim": 5}
 HELD_OUT_PATIENTS = 4
 

@@ -21,6 +21,8 @@ term changes the training gradients, never the loss values (the negative ELBO). 
 `batch_adversary_conditioning = "label"` that classifier also reads each training cell's
 cell-type label (`n_labels` > 0 labels, plus an "unknown" slot): the per-cell codes `loss` gets
 are then (cells x 2), the batch code and the label code; the encoder and decoder never see it.
+The label head (`melvae.label_head`) and the within-cell-type MMD (`batch_mmd_weight`,
+`melvae.mmd`) read those label codes too, likewise only while training.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from melvae.label_head import LabelHead
 from melvae.layers import WideLinear
 from melvae.likelihoods import LikelihoodName, get_likelihood
 from melvae.losses import sample_and_kl
+from melvae.mmd import BatchMMD
 
 
 class LossParts(NamedTuple):
@@ -113,6 +116,7 @@ class VAEModule(nn.Module):
         adversary_reads = block.pop("batch_adversary_conditioning")
         adversary_rate = block.pop("batch_adversary_learning_rate_scale")
         label_weight = block.pop("label_classifier_weight")
+        mmd_weight = block.pop("batch_mmd_weight")
         # The two gene-facing layers hold nearly all weights: WideLinear lays out their products.
         self.encoder = nn.Sequential(*hidden_stack(n_genes, hidden_dim, **block, first=WideLinear))
         self.mu = nn.Linear(hidden_dim, latent_dim)
@@ -162,24 +166,33 @@ class VAEModule(nn.Module):
                 n_labels=n_labels if adversary_reads == "label" else 0,
                 learning_rate_scale=adversary_rate,
             )
-        if label_weight > 0 and (n_labels == 0 or n_batches == 0):
-            raise InputError(
-                f"label_classifier_weight = {label_weight}: a cell-type classifier on the latent "
-                "needs batches and cell-type labels, and this module lacks them",
-                where="VAEModule",
-                fix="give a batch key and the training cells' labels (MelVAE.fit(batch_key=..., "
-                "label_key=...)), or leave label_classifier_weight at 0",
-            )
+        _needs_batches_and_labels(
+            "label_classifier_weight",
+            label_weight,
+            "a cell-type classifier on the latent",
+            n_batches=n_batches,
+            n_labels=n_labels,
+        )
         # Then the label head, likewise (an adversary's draws come first, as before).
         self.label_head = (
             LabelHead(latent_dim, n_labels, label_weight) if label_weight > 0 else None
         )
+        _needs_batches_and_labels(
+            "batch_mmd_weight",
+            mmd_weight,
+            "matching batches within cell types",
+            n_batches=n_batches,
+            n_labels=n_labels,
+        )
+        self.batch_mmd = BatchMMD(n_labels, n_batches, mmd_weight) if mmd_weight > 0 else None
 
     @property
     def reads_labels(self) -> bool:
         """Whether training gives this module each cell's label code (next to its batch code)."""
-        return self.label_head is not None or (
-            self.adversary is not None and self.adversary.reads_labels
+        return (
+            self.label_head is not None
+            or self.batch_mmd is not None
+            or (self.adversary is not None and self.adversary.reads_labels)
         )
 
     def learning_rate_scales(self) -> dict[nn.Parameter, float]:
@@ -259,7 +272,24 @@ class VAEModule(nn.Module):
             total = total + self.adversary.gradient_only(mu, batch, labels)
         if self.label_head is not None and self.training:
             total = total + self.label_head.gradient_only(mu, labels)
+        if self.batch_mmd is not None and self.training:
+            total = total + self.batch_mmd.gradient_only(mu, batch, labels)
         return LossParts(total, recon, kl)
+
+
+def _needs_batches_and_labels(
+    name: str, weight: float, what: str, *, n_batches: int, n_labels: int
+) -> None:
+    """Refuse a weight > 0 of a training term (`what`) that needs batches and labels, in a
+    module without them."""
+    if weight > 0 and (n_labels == 0 or n_batches == 0):
+        raise InputError(
+            f"{name} = {weight}: {what} needs batches and cell-type labels, and this module "
+            "lacks them",
+            where="VAEModule",
+            fix="give a batch key and the training cells' labels (MelVAE.fit(batch_key=..., "
+            f"label_key=...)), or leave {name} at 0",
+        )
 
 
 def _one_hot_columns(n_batches: int, in_dim: int, out_dim: int) -> nn.Embedding | None:

@@ -178,9 +178,8 @@ PARAMS: dict[str, Param] = {
             "batch_adversary_learning_rate_scale",
             float,
             _MODULE,
-            "the batch adversary's learning rate as a multiple of learning_rate, so that its "
-            "classifier keeps up with the encoder it is trained against (1 = the shared rate; "
-            "needs a batch key; unused at weight 0)",
+            "the batch adversary's learning rate as a multiple of learning_rate (1 = the "
+            "shared rate; needs a batch key; unused at weight 0)",
             1.0,
             low=0,
             low_open=True,
@@ -193,6 +192,18 @@ PARAMS: dict[str, Param] = {
             "weight of a training-only linear cell-type classifier on the latent that the "
             "encoder is trained to help (0 = none; needs a batch key and labels; changes "
             "gradients, not the loss values)",
+            0.0,
+            low=0,
+            needs_batch_key=True,
+            needs_label_key=True,
+        ),
+        Param(
+            "batch_mmd_weight",
+            float,
+            _MODULE,
+            "weight of a maximum mean discrepancy on the latent between each batch's cells and "
+            "the other batches' cells of the same cell type (0 = none; needs a batch key and "
+            "labels; changes gradients, not the loss values)",
             0.0,
             low=0,
             needs_batch_key=True,

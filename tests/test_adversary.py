@@ -108,14 +108,19 @@ def test_an_adversary_needs_batches():
     assert {t["batch_adversary_weight"] for t in batched.seed_trials} == {0.0}
 
 
-def test_a_study_that_sets_an_adversary_without_a_batch_key_exits_2(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "name",
+    # The adversary, its own learning rate, the within-cell-type MMD (melvae.mmd).
+    ["batch_adversary_weight", "batch_adversary_learning_rate_scale", "batch_mmd_weight"],
+)
+def test_a_study_that_sets_a_batch_term_without_a_batch_key_exits_2(name, tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path)
-    study = _quick_config(tmp_path, **{"[model]\n": "[model]\nbatch_adversary_weight = 10.0\n"})
-    assert load_study_config(study).needs_batch_key() == ["batch_adversary_weight"]
+    study = _quick_config(tmp_path, **{"[model]\n": f"[model]\n{name} = 10.0\n"})
+    assert load_study_config(study).needs_batch_key() == [name]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["run", "--study", str(study), "--n-trials", "1", "--quiet"]) == 2
-    assert "batch_adversary_weight" in err.getvalue() and "no batch key" in err.getvalue()
+    assert name in err.getvalue() and "no batch key" in err.getvalue()
     assert not (tmp_path / "mlruns").exists()
 
 

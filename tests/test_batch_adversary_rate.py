@@ -1,12 +1,10 @@
 """The batch adversary's own learning rate (`batch_adversary_learning_rate_scale`, issue 15):
 the optimizer moves its classifier at that multiple of the rate and every other weight at the
 rate itself, the default is the model of before bit for bit, and on the real T cells a model
-with a faster classifier trains, saves, reloads and encodes patients it never saw."""
+with a faster classifier trains, saves, reloads and encodes patients it never saw (a study
+without a batch key refuses it: tests/test_adversary.py)."""
 
 from __future__ import annotations
-
-import contextlib
-import io
 
 import anndata as ad
 import numpy as np
@@ -16,11 +14,8 @@ import torch
 from melvae.errors import InputError
 from melvae.model import MelVAE
 from melvae.module import VAEModule
-from melvae.study.__main__ import main
-from melvae.study.config import load_study_config
 from melvae.train import FusedAdam
 from tests.test_adversary import UNSEEN, _fit, patients  # noqa: F401
-from tests.test_study import _offline, _quick_config
 
 
 def _adam_steps(optimizer_of, steps: int = 3) -> list[torch.Tensor]:
@@ -60,18 +55,6 @@ def test_only_the_adversary_is_scaled_and_the_default_scales_nothing():
     assert set(scaled.values()) == {10.0}
     with pytest.raises(InputError, match="batch_adversary_learning_rate_scale"):
         VAEModule(50, 16, 4, n_batches=3, batch_adversary_learning_rate_scale=0.0)
-
-
-def test_a_study_that_sets_the_scale_without_a_batch_key_exits_2(tmp_path, monkeypatch):
-    _offline(monkeypatch, tmp_path)
-    line = "[model]\nbatch_adversary_learning_rate_scale = 10.0\n"
-    study = _quick_config(tmp_path, **{"[model]\n": line})
-    assert load_study_config(study).needs_batch_key() == ["batch_adversary_learning_rate_scale"]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert main(["run", "--study", str(study), "--n-trials", "1", "--quiet"]) == 2
-    assert "batch_adversary_learning_rate_scale" in err.getvalue()
-    assert not (tmp_path / "mlruns").exists()
 
 
 def test_scale_1_is_the_model_of_before_bit_for_bit(patients):  # noqa: F811
