@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+from melvae.faultpoint import ENV as STOP_AT
 from melvae.study.fresh_tables import create_mlflow_tables
 
 
@@ -61,3 +64,27 @@ def test_an_existing_file_and_other_backends_are_left_to_mlflow(tmp_path):
     assert existing.read_bytes() == b""
     assert not create_mlflow_tables("sqlite:///:memory:")
     assert not create_mlflow_tables("postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def test_a_creation_killed_before_its_rename_leaves_no_database_and_the_next_one_succeeds(tmp_path):
+    """SIGKILL after the tables are built in their hidden file: no half-made mlflow.db for the
+    next run to trip on, and the next creation replaces the leftover."""
+    target = tmp_path / "mlruns" / "mlflow.db"
+    target.parent.mkdir()
+    code = "import sys; from melvae.study.fresh_tables import create_mlflow_tables; "
+    code += "create_mlflow_tables(sys.argv[1])"
+    killed = subprocess.run(
+        [sys.executable, "-c", code, f"sqlite:///{target}"],
+        env={**os.environ, STOP_AT: "mlflow tables built, not yet in place"},
+        timeout=300,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not target.exists(), "nothing in place"
+    (leftover,) = target.parent.iterdir()
+    assert leftover.name.startswith(".mlflow.db.creating-"), leftover.name
+    assert create_mlflow_tables(f"sqlite:///{target}")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["mlflow.db"], "leftover replaced"
+    store = SqlAlchemyStore(f"sqlite:///{target}", str(tmp_path / "artifacts"))
+    assert [e.name for e in store.search_experiments()] == ["Default"]
+    store.engine.dispose()
