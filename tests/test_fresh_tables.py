@@ -20,10 +20,16 @@ from melvae.study.fresh_tables import create_mlflow_tables
 
 
 def _schema(path: Path) -> tuple[list[tuple], list[tuple]]:
-    """Every table, index and trigger with its SQL, and alembic's revision."""
+    """Every table, index and trigger with its SQL, and alembic's revision. Each statement is
+    taken as its set of lines (columns, constraints): the order in which MLflow's migrations
+    write a table's CHECK constraints changes from one process to the next, MLflow's own too."""
     with contextlib.closing(sqlite3.connect(path)) as db:
         objects = db.execute("select type, name, sql from sqlite_master order by type, name")
-        return objects.fetchall(), db.execute("select * from alembic_version").fetchall()
+        statements = [
+            (kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+            for kind, name, sql in objects
+        ]
+        return statements, db.execute("select * from alembic_version").fetchall()
 
 
 def _created_in_a_fresh_process(code: str, path: Path) -> None:
