@@ -57,3 +57,12 @@ def test_a_finished_trial_is_refused_like_set_user_attr_refuses_it(tmp_path):
         trial.set_user_attr("late", 1)
     with pytest.raises(RuntimeError):
         set_user_attrs(trial, {"late": 1})
+
+
+def test_a_storage_that_is_not_an_rdb_one_gets_the_same_attributes_one_by_one():
+    """A study in memory (the Python API lets a user pass one) has no SQL transaction to share."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    trial = study.ask()
+    set_user_attrs(trial, ATTRS)
+    assert trial.user_attrs == ATTRS
+    assert study.get_trials(deepcopy=False)[0].user_attrs == ATTRS

@@ -102,9 +102,10 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     waits for the disk (fsync) and holds the file's write lock, which the other workers wait
     for: the ~18 a default-study trial sets at its end took 0.4 s wall of each trial (22 ms
     apiece, bench/study_overheads.py). Here they are written the way Optuna writes each one
-    (its RDB storage's own statement, Optuna 5.1), all or none, with one commit. The trial must
-    be one of an Optuna RDB storage (SQLite, PostgreSQL, MySQL: `open_storage`, the only kind
-    `run` and `tune` open).
+    (its RDB storage's own statement, Optuna 5.1), all or none, with one commit, for a trial of
+    an Optuna RDB storage (SQLite, PostgreSQL, MySQL: `open_storage`, the only kind `run` and
+    `tune` open). Any other storage, or an Optuna whose RDB storage lacks those internals, gets
+    them one `set_user_attr` at a time: the same attributes, more commits.
 
     Parameters
     ----------
@@ -113,12 +114,22 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     attrs
         Attribute name -> JSON-serialisable value, as `trial.set_user_attr` takes them.
     """
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
     storage = getattr(trial.storage, "_backend", trial.storage)  # Optuna wraps it in a cache
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        raise TypeError(f"set_user_attrs needs a trial of an RDBStorage, not {type(storage)}")
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        one_commit = (
+            isinstance(storage, optuna.storages.RDBStorage)
+            and hasattr(storage, "_set_trial_attr_without_commit")
+            and hasattr(trial, "_cached_frozen_trial")
+        )
+    except ImportError:
+        one_commit = False
+    if not one_commit:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
     with _create_scoped_session(storage.scoped_session, True) as session:
         for key, value in attrs.items():
             storage._set_trial_attr_without_commit(
