@@ -173,3 +173,28 @@ def test_a_sigterm_whose_exception_a_finalizer_swallowed_still_stops_the_trial(t
     assert states[trial] == State.FAIL and State.RUNNING not in states.values()
     waiting = [t.user_attrs for t in study.trials if t.state == State.WAITING]
     assert [a["requeued_from"] for a in waiting if "requeued_from" in a] == [trial]
+
+
+UNRAISABLE = """
+import weakref
+from melvae.study import recovery
+recovery.stop_cleanly_on_sigterm()
+class Held: pass
+def broken(ref): raise AssertionError("a cleanup half done")
+first = Held(); ref = weakref.ref(first, broken); del first
+recovery._terminated.set()  # as the SIGTERM handler does
+second = Held(); ref2 = weakref.ref(second, broken); del second
+"""
+
+
+def test_after_sigterm_a_finalizers_lost_exception_is_one_line_not_a_traceback():
+    """What a SIGTERM breaks inside a weakref callback (SQLAlchemy's cleanup) is the stop, not a
+    crash: one line; before any SIGTERM such an exception keeps Python's full traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", UNRAISABLE], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = done.stderr.split("Exception ignored in <function broken")
+    assert "Traceback" in before and "AssertionError: a cleanup half done" in before
+    assert after.strip().endswith("AssertionError (stopping on SIGTERM)")
+    assert "Traceback" not in after

@@ -7,12 +7,13 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -61,6 +62,30 @@ def stop_cleanly_on_sigterm() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     logging.getLogger("optuna.study._optimize").addFilter(_drop_interrupt_traceback)
+    if not getattr(sys.unraisablehook, "after_sigterm", False):  # once per process
+        sys.unraisablehook = _unraisable_after_sigterm(sys.unraisablehook)
+
+
+def _unraisable_after_sigterm(
+    default: Callable[[Any], object],
+) -> Callable[[Any], object]:
+    """Python's hook for an exception a finalizer or weakref callback could not raise, made to
+    print one line instead of a traceback once SIGTERM has come: then the lost exception is our
+    `Terminated` (raised again by `stop_if_terminated`), or what it broke in the callback it
+    interrupted (SQLAlchemy's identity map asserting on a half-done cleanup): the stop, no crash."""
+
+    def hook(unraisable: Any) -> object:
+        if not _terminated.is_set():
+            return default(unraisable)
+        error = type(unraisable.exc_value).__name__
+        print(
+            f"Exception ignored in {unraisable.object!r}: {error} (stopping on SIGTERM)",
+            file=sys.stderr,
+        )
+        return None
+
+    hook.after_sigterm = True  # type: ignore[attr-defined]
+    return hook
 
 
 def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
