@@ -43,7 +43,7 @@ PARTS: dict[str, tuple[str, ...]] = {
         "melvae.study.runner:create_experiment",
     ),
     "training (epochs' training passes)": ("melvae.train:_train_epoch",),
-    "validation loss (per epoch)": ("melvae.train:evaluate_loss",),
+    "validation loss (per epoch)": ("melvae.train:_loss_per_cell",),
     "final metrics (validation split)": ("melvae.study.scoring:SplitScores.final",),
     "bio_score": ("melvae.study.scoring:SplitScores.bio",),
     "t-SNE": ("melvae.plot:tsne_coordinates",),

@@ -174,12 +174,20 @@ def vae_loss(
 
 
 def loss_sums(
-    module: nn.Module, plan: Plan, x: torch.Tensor, generator: torch.Generator | None
+    module: nn.Module,
+    plan: Plan,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    training: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(recon, kl) of `vae_loss`, each summed over the cells of `x` instead of averaged, without
-    autograd: what a pass over many batches adds up (the total is recon + kl_weight * kl)."""
+    autograd: what a pass over many batches adds up (the total is recon + kl_weight * kl).
+    `training`: whether dropout is applied (None: as the module's own mode says)."""
+    if training is None:
+        training = module.training
     with torch.no_grad():
-        recon, kl, _ = _forward(x, plan, generator, module.training, gradient=False)
+        recon, kl, _ = _forward(x, plan, generator, training, gradient=False)
     return recon, kl
 
 
@@ -204,7 +212,8 @@ def train_step(
         n = x.shape[0]
         _, grads = _gradients(plan, saved, 1.0 / n, kl_weight / n, needs_x=False, in_place=True)
         for weight, grad in zip(plan.weights(), grads, strict=True):
-            weight.grad = grad
+            if weight.grad is not grad:  # mostly the same tensor, written in place
+                weight.grad = grad
     return recon, kl
 
 

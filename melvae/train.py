@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from melvae.data.loader import coded_batches, densified
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
-from melvae.fused import loss_sums, plan_of, train_step
+from melvae.fused import Plan, loss_sums, plan_of, train_step
 from melvae.module import VAEModule
 from melvae.params import PARAMS, names
 
@@ -243,22 +243,48 @@ def evaluate_loss(
     Runs on the module's device. `batch_codes`: each cell's batch code, for a module
     conditioned on the batch.
     """
+    return _loss_per_cell(
+        module,
+        plan_of(module),  # the hand-written loss where it covers the module
+        x,
+        kl_weight=kl_weight,
+        seed=seed,
+        batch_size=batch_size,
+        batch_codes=batch_codes,
+    )
+
+
+def _loss_per_cell(
+    module: VAEModule,
+    plan: Plan | None,
+    x: np.ndarray | sp.spmatrix,
+    *,
+    kl_weight: float,
+    seed: int,
+    batch_size: int,
+    batch_codes: np.ndarray | None,
+) -> dict[str, float]:
+    """`evaluate_loss` given the module's `plan_of` (None: the plain path), which the training
+    loop works out once a run rather than twice an epoch. The hand-written loss is told to leave
+    dropout out, so only the plain path switches the module to evaluation mode and back (the two
+    walks over its layers and `plan_of` were ~0.1 ms of a 26 ms epoch at 765 genes)."""
     device = _device_of(module)
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = module.training
-    module.eval()
     sums = _Sums()
-    plan = plan_of(module)  # the hand-written loss where it covers the module
-    try:
-        with torch.no_grad():
-            for xb, bb in coded_batches(x, batch_codes, batch_size, device=device):
-                if plan is None:
+    cut = coded_batches(x, batch_codes, batch_size, device=device)
+    with torch.no_grad():
+        if plan is not None:
+            for xb, _ in cut:
+                sums.add(*loss_sums(module, plan, xb, generator, training=False))
+        else:
+            was_training = module.training
+            module.eval()
+            try:
+                for xb, bb in cut:
                     parts = module.loss(xb, kl_weight, generator=generator, batch=bb)
                     sums.add_means(parts.recon, parts.kl, len(xb))
-                else:
-                    sums.add(*loss_sums(module, plan, xb, generator))
-    finally:
-        module.train(was_training)
+            finally:
+                module.train(was_training)
     return sums.per_cell(kl_weight, x.shape[0])
 
 
@@ -322,6 +348,7 @@ def train_vae(
     optimizer = FusedAdam(
         module.parameters(), lr=config.learning_rate, scales=module.learning_rate_scales()
     )
+    plan = plan_of(module)  # None for a batch-conditioned module
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     epochs_since_best = 0
@@ -337,10 +364,11 @@ def train_vae(
             for epoch in bar:
                 started, cpu_started = time.perf_counter(), time.process_time()
                 train = _train_epoch(
-                    module, optimizer, train_x, config, epoch, order_rng, noise, train_batches
+                    module, plan, optimizer, train_x, config, epoch, order_rng, noise, train_batches
                 )
-                val = evaluate_loss(
+                val = _loss_per_cell(
                     module,
+                    plan,
                     val_x,
                     kl_weight=config.kl_weight,
                     seed=config.seed,
@@ -387,8 +415,7 @@ def _kept(module: torch.nn.Module, kept: dict[str, torch.Tensor] | None) -> dict
     state = module.state_dict()
     if kept is None:
         return {k: v.detach().clone() for k, v in state.items()}
-    for k, v in state.items():
-        kept[k].copy_(v)
+    torch._foreach_copy_(list(kept.values()), list(state.values()))  # one call, not one a tensor
     return kept
 
 
@@ -403,6 +430,7 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 def _train_epoch(
     module: VAEModule,
+    plan: Plan | None,
     optimizer: FusedAdam,
     x: np.ndarray | sp.csr_matrix,
     config: TrainConfig,
@@ -411,8 +439,9 @@ def _train_epoch(
     noise: torch.Generator,
     codes: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """One pass over `x` in a fresh random order; losses averaged over cells. `codes`: each
-    cell's batch code, cut into the same minibatches.
+    """One pass over `x` in a fresh random order; losses averaged over cells. `plan`: the
+    module's `plan_of` (None: the plain autograd path). `codes`: each cell's batch code, cut
+    into the same minibatches.
 
     Loss sums stay on the device (no per-batch host sync); a non-finite loss in any batch makes
     the epoch's sum non-finite and raises once the epoch ends (the best weights are restored).
@@ -422,7 +451,6 @@ def _train_epoch(
     device = _device_of(module)
     sums = _Sums()
     order = order_rng.permutation(x.shape[0])
-    plan = plan_of(module)  # None for a batch-conditioned module
     for xb, bb in coded_batches(x, codes, config.batch_size, order=order, device=device):
         if plan is None:
             parts = module.loss(xb, kl_weight, generator=noise, batch=bb)

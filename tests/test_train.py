@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import melvae.train
 from melvae.errors import InputError
 from melvae.module import VAEModule
 from melvae.train import (
@@ -137,6 +138,23 @@ def test_early_stopping_restores_the_weights_of_the_best_epoch() -> None:
     assert min(history.val_loss) == history.val_loss[history.best_epoch]
     restored = evaluate_loss(module, X[100:], kl_weight=config.kl_weight, seed=config.seed)
     assert restored["loss"] == pytest.approx(history.val_loss[history.best_epoch], rel=1e-6)
+
+
+@pytest.mark.parametrize("hand_written", [True, False])
+def test_the_loss_of_a_dropout_module_leaves_dropout_and_the_modules_mode_alone(
+    hand_written: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hand_written:
+        monkeypatch.setattr(melvae.train, "plan_of", lambda module: None)
+    X = _clustered()
+    torch.manual_seed(0)
+    module = VAEModule(n_genes=30, hidden_dim=16, latent_dim=3, dropout=0.5)
+    module.train()
+    in_training_mode = [evaluate_loss(module, X, seed=2) for _ in range(2)]
+    assert module.training
+    module.eval()
+    assert in_training_mode == [evaluate_loss(module, X, seed=2)] * 2
+    assert not module.training
 
 
 def test_kl_warmup_ramps_the_training_weight_and_validation_uses_the_full_weight() -> None:
