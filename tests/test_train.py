@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,6 +93,46 @@ def test_training_leaves_the_global_torch_rng_alone() -> None:
     torch.manual_seed(123)
     train_vae(module, X[:150], X[150:], TrainConfig(epochs=1), progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_training_flushes_subnormals_and_gives_the_callers_setting_back(
+    caller_flushes: bool,
+) -> None:
+    """Subnormal Adam moments (dead units' weights) slow a late epoch 2x; training flushes them,
+    and the caller's own arithmetic is left as it was."""
+    X = _clustered()
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        during: list[bool] = []
+        train_vae(
+            _module(),
+            X[:150],
+            X[150:],
+            TrainConfig(epochs=2),
+            on_epoch=lambda epoch, metrics: during.append(melvae.train._flushing_subnormals()),
+            progress=False,
+        )
+        assert during == [True, True]
+        assert melvae.train._flushing_subnormals() is caller_flushes
+        assert ((torch.full((1,), 1e-39) * 2).item() == 0.0) is caller_flushes
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_the_command_line_flushes_subnormals_before_torch_starts_its_threads(tmp_path) -> None:
+    """With several threads, only threads started after the setting inherit it: the CLI sets it
+    for its whole process, so a large model's intra-op threads flush too."""
+    probe = (
+        "import torch; from melvae.study.__main__ import main; torch.set_num_threads(2); "
+        f"code = main(['best', '--study', {str(tmp_path / 'missing.toml')!r}]); "
+        "a = torch.full((1 << 22,), 1e-39) * 2; print(code, int((a != 0).sum()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    code, subnormals = done.stdout.split()
+    assert code != "0" and subnormals == "0"
 
 
 def test_callback_sees_every_epoch_and_its_exceptions_propagate() -> None:

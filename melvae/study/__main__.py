@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import torch
 
 from melvae import track
 from melvae.device import DEVICES
@@ -43,6 +44,9 @@ from melvae.tuning import TuneResult, run_worker, tune
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch starts its intra-op threads, which inherit it: training flushes subnormal
+    # floats on its own thread only (melvae.train._subnormals_flushed), a large model's threads too.
+    torch.set_flush_denormal(True)
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
