@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -421,10 +422,25 @@ def _kept(module: torch.nn.Module, kept: dict[str, torch.Tensor] | None) -> dict
     return kept
 
 
-def _flushing_subnormals() -> bool:
-    """Whether this thread's CPU arithmetic treats subnormal floats as zero
-    (`torch.set_flush_denormal`), read from the arithmetic itself: torch has no getter."""
-    return (torch.full((1,), 1e-39, dtype=torch.float32) * 2).item() == 0.0
+# Elements per piece of an element-wise operation that torch splits over its intra-op threads
+# (at::internal::GRAIN_SIZE): an operation on this many per thread reaches every thread.
+PARALLEL_GRAIN = 32768
+UNFLUSHED_THREADS = (
+    "torch's intra-op threads were started before training and do not flush subnormal floats, "
+    "so epochs can get up to 2x slower once dead units' Adam moments turn subnormal (after ~750 "
+    "steps); call torch.set_flush_denormal(True) before the session's first torch operation "
+    "(the command line does), or train with torch.set_num_threads(1)"
+)
+
+
+def _flushing_subnormals(threads: int = 1) -> bool:
+    """Whether CPU arithmetic treats subnormal floats as zero (`torch.set_flush_denormal`), read
+    from the arithmetic itself (torch has no getter): on this thread, or with `threads` > 1 on
+    every one of that many intra-op threads, each of which keeps its own setting."""
+    size = PARALLEL_GRAIN * threads if threads > 1 else 1
+    # 2**-129 written as its bits: a float written on this thread would be flushed already.
+    subnormal = torch.full((size,), 1 << 20, dtype=torch.int32).view(torch.float32)
+    return int((subnormal * 2).count_nonzero()) == 0
 
 
 @contextlib.contextmanager
@@ -441,10 +457,13 @@ def _subnormals_flushed() -> Iterator[None]:
     same losses to every printed digit there). torch's intra-op threads started before the block
     keep their own setting: one thread a trial (`--workers auto` for a small model) is covered
     whole; for more threads the CLI flushes for its whole process before torch starts any, and
-    a notebook can call `torch.set_flush_denormal(True)` before its first torch operation.
+    elsewhere a RuntimeWarning (`UNFLUSHED_THREADS`) says what to do where threads do not.
     """
     was = _flushing_subnormals()
     torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    if threads > 1 and not _flushing_subnormals(threads):
+        warnings.warn(UNFLUSHED_THREADS, RuntimeWarning, stacklevel=3)
     try:
         yield
     finally:

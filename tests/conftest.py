@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
+
+# As the command line does before torch starts its threads (melvae.study.__main__.main), so that
+# training under several threads flushes subnormal floats on all of them and does not warn.
+torch.set_flush_denormal(True)
 
 
 @pytest.fixture
