@@ -102,6 +102,7 @@ def test_training_flushes_subnormals_and_gives_the_callers_setting_back(
     """Subnormal Adam moments (dead units' weights) slow a late epoch 2x; training flushes them,
     and the caller's own arithmetic is left as it was."""
     X = _clustered()
+    session = melvae.train._flushing_subnormals()
     torch.set_flush_denormal(caller_flushes)
     try:
         during: list[bool] = []
@@ -117,7 +118,7 @@ def test_training_flushes_subnormals_and_gives_the_callers_setting_back(
         assert melvae.train._flushing_subnormals() is caller_flushes
         assert ((torch.full((1,), 1e-39) * 2).item() == 0.0) is caller_flushes
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(session)
 
 
 TRAIN_UNDER_TWO_THREADS = """
