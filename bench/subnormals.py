@@ -21,13 +21,13 @@ import argparse
 import contextlib
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 import melvae.train
 from melvae.data.datasets import load_dataset
 from melvae.module import VAEModule
-from melvae.preprocess import PreprocessConfig, align_genes, fit_preprocessor, split_cells
+from melvae.preprocess import PreprocessConfig, fit_preprocessor, split_cells
+from melvae.study.baselines import _prepared
 from melvae.train import FusedAdam, History, TrainConfig, train_vae
 
 FLUSHED = melvae.train._subnormals_flushed
@@ -56,11 +56,11 @@ def pbmc_splits() -> tuple[np.ndarray, np.ndarray]:
     splits = split_cells(pbmc.adata, pbmc.label_key, seed=0)
     train = pbmc.adata[splits["train"]].copy()
     preprocessor = fit_preprocessor(train, PreprocessConfig())
-    matrices = []
-    for cells in (train, pbmc.adata[splits["val"]]):
-        x = preprocessor.transform_matrix(align_genes(cells, preprocessor.genes)[0])
-        matrices.append(np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32))
-    return matrices[0], matrices[1]
+    train_x, val_x = (
+        _prepared(preprocessor, cells).astype(np.float32)
+        for cells in (train, pbmc.adata[splits["val"]])
+    )
+    return train_x, val_x
 
 
 def train(

@@ -460,9 +460,9 @@ def _subnormals_flushed() -> Iterator[None]:
     elsewhere a RuntimeWarning (`UNFLUSHED_THREADS`) says what to do where threads do not.
     """
     was = _flushing_subnormals()
-    torch.set_flush_denormal(True)
+    supported = torch.set_flush_denormal(True)  # False where the CPU has no such mode
     threads = torch.get_num_threads()
-    if threads > 1 and not _flushing_subnormals(threads):
+    if supported and threads > 1 and not _flushing_subnormals(threads):
         warnings.warn(UNFLUSHED_THREADS, RuntimeWarning, stacklevel=3)
     try:
         yield
