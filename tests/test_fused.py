@@ -90,6 +90,21 @@ def test_a_step_writes_its_gradients_over_the_last_steps(layout, architecture) -
     assert all(p.grad is k for p, k in zip(weights, kept, strict=True))
 
 
+@pytest.mark.parametrize("architecture", COVERED)
+def test_autograd_adds_to_the_gradients_a_step_left(architecture) -> None:
+    """The step runs in inference mode, but the `.grad` tensors it leaves are normal ones: a
+    backward pass afterwards adds its gradients to them (an inference tensor would refuse)."""
+    module = _module(**architecture)
+    train_step(module, plan_of(module), _x(5) * 0.5, 0.2, torch.Generator().manual_seed(4))
+    left = [p.grad.clone() for p in module.parameters()]
+    parts = module.loss(_x(), 0.7, generator=torch.Generator().manual_seed(3))
+    added = torch.autograd.grad(parts.total, list(module.parameters()), retain_graph=True)
+    parts.total.backward()
+    for p, before, extra in zip(module.parameters(), left, added, strict=True):
+        assert not p.grad.is_inference()
+        torch.testing.assert_close(p.grad, before + extra, rtol=1e-10, atol=1e-12)
+
+
 def test_a_gradient_that_cannot_be_written_over_is_replaced() -> None:
     """A strided `.grad` (not contiguous) or one inside autograd gets a new tensor."""
     module = _module()
