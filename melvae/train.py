@@ -154,6 +154,7 @@ class FusedAdam:
         self.lr = lr
         scales = scales or {}
         self.lrs = [lr * scales.get(p, 1.0) for p in self.params]
+        self.one_rate = set(self.lrs) <= {lr}
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         # torch.optim.Adam's fused state: one float32 step counter per parameter, here the
@@ -170,7 +171,12 @@ class FusedAdam:
 
     def step(self) -> None:
         """One Adam update of every parameter that has a gradient."""
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = [p.grad for p in self.params]
+        if grads and self.one_rate and all(g is not None for g in grads):  # the fused path
+            self.step_counts.add_(1)
+            self._fused(self.params, self.exp_avgs, self.exp_avg_sqs, self.steps, self.lr, grads)
+            return
+        have = [i for i, g in enumerate(grads) if g is not None]
         if not have:
             return
         lists = (self.params, self.exp_avgs, self.exp_avg_sqs, self.steps)
@@ -197,11 +203,13 @@ class FusedAdam:
         exp_avg_sqs: list[torch.Tensor],
         steps: list[torch.Tensor],
         lr: float,
+        grads: list[torch.Tensor] | None = None,
     ) -> None:
-        """torch's fused Adam kernel over `params` at learning rate `lr`."""
+        """torch's fused Adam kernel over `params` at learning rate `lr` (`grads`: their
+        `.grad` tensors, where the caller has them at hand)."""
         torch._fused_adam_(
             params,
-            [p.grad for p in params],
+            [p.grad for p in params] if grads is None else grads,
             exp_avgs,
             exp_avg_sqs,
             [],

@@ -41,6 +41,10 @@ def densified(x: Matrix, limit: int = DENSE_LIMIT) -> Matrix:
 
 def dense_rows(x: Matrix, rows: np.ndarray | slice) -> torch.Tensor:
     """The given rows of `x` as a dense float32 CPU tensor (cells × genes)."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float32 and isinstance(rows, np.ndarray):
+        # A training batch of the dense matrix: `take` copies the rows in one call, 66 against
+        # 82 us for indexing and a contiguity check when a product has just emptied the caches.
+        return torch.from_numpy(x.take(rows, axis=0))
     picked = x[rows]
     if sp.issparse(picked):
         picked = picked.toarray()
@@ -68,7 +72,7 @@ def batches(
         batch = dense_rows(x, rows)
         if cuda:
             batch = batch.pin_memory().to(device, non_blocking=True)
-        elif device is not None:
+        elif device is not None and device.type != "cpu":
             batch = batch.to(device)
         yield batch
 
