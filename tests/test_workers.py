@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from melvae.register import Registration
 from melvae.study import workers
 from melvae.study.config import load_study_config
 from melvae.study.runner import _sampler
+from melvae.study.storage import GRACE_BEATS, first_time_lock, open_storage
 from tests.test_study import _quick_config
 from tests.workers import (
     QUICK,
@@ -101,6 +103,26 @@ def test_pledges_add_up_and_a_withdrawal_never_drops_below_what_was_spent(tmp_pa
     workers.withdraw(study, storage, 10)
     assert study.user_attrs[workers.BUDGET_ATTR] == 1
     assert [workers.claim_workers(study, storage, n) for n in (1, 4, 1)] == [0, 1, 5]
+
+
+def test_a_waiting_worker_fails_a_dead_workers_trial_only_under_the_study_lock(tmp_path):
+    """Two workers waiting for the last trials both failed a dead worker's trial and queued it
+    twice (SQLite has no row locks; CI saw the second retry left WAITING): the check waits for
+    the study's lock, which every trial's creation, and Optuna's check within it, holds too."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=open_storage(url, heartbeat=1))
+    dead = study.ask()
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(GRACE_BEATS * 1 + 0.5)  # silent past its grace period
+    waiting = threading.Thread(target=workers._wait_for_others, args=(study, url, 0))
+    with first_time_lock(url):  # another worker creating its trial
+        waiting.start()
+        waiting.join(timeout=2)
+        assert waiting.is_alive(), "the check went ahead without the lock"
+        assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+    waiting.join(timeout=30)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
 
 
 @pytest.mark.slow

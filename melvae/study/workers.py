@@ -211,7 +211,7 @@ def optimize_within_budget(
                     done = not any(t.state == _State.RUNNING for t in trials)
                     if done:
                         break
-                    _wait_for_others(study, poll_seconds)
+                    _wait_for_others(study, storage, poll_seconds)
                     continue
 
                 def started(trial: optuna.Trial, lock: contextlib.ExitStack = lock) -> Any:
@@ -228,10 +228,14 @@ def optimize_within_budget(
     return ran
 
 
-def _wait_for_others(study: optuna.Study, seconds: float) -> None:
-    """Sleep, then fail (and so queue again) any trial whose worker stopped beating."""
+def _wait_for_others(study: optuna.Study, storage: str, seconds: float) -> None:
+    """Sleep, then fail (and so queue again) any trial whose worker stopped beating.
+
+    Under the study's lock, as Optuna's own check at the start of each trial runs here: SQLite
+    has no row locks, so two workers checking at once both saw a dead worker's trial RUNNING,
+    both failed it and queued it twice, and the second retry was left WAITING (seen in CI)."""
     time.sleep(seconds)
-    with warnings.catch_warnings():
+    with first_time_lock(storage), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
