@@ -24,12 +24,11 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from melvae import params
 from melvae.adversary import label_codes
-from melvae.data.loader import coded_batches
+from melvae.data.loader import coded_batches, dense, row_sums
 from melvae.data.validate import validate_batches
 from melvae.errors import InputError
 from melvae.folder_swap import recover, replacing
@@ -146,7 +145,9 @@ class MelVAE:
         train_cells, val_cells
             Cells x genes (positional-only, so that `train=` can name the TrainConfig).
             `val_cells` drive early stopping and the reported validation loss; they never
-            influence the preprocessing.
+            influence the preprocessing. AnnData opened backed (`anndata.read_h5ad(path,
+            backed="r")`, or views of its rows) stay on disk and are read a window at a time
+            (`melvae.data.backed`).
         preprocess
             A PreprocessConfig to fit on `train_cells`, or an already fitted Preprocessor.
         likelihood
@@ -219,7 +220,7 @@ class MelVAE:
         train_x = model._prepare(train_cells, "training cells")
         val_x = model._prepare(val_cells, "validation cells")
         if get_likelihood(likelihood, where="MelVAE.fit").uses_library:
-            model.library_size = float(np.median(np.asarray(train_x.sum(axis=1)).ravel()))
+            model.library_size = float(np.median(row_sums(train_x)))
         model.history = train_vae(
             model.module,
             train_x,
@@ -427,8 +428,7 @@ class MelVAE:
             return torch.cat([mu, self.module.decode_mean(mu, library, bb)], dim=1)
 
         out = self._predict(both, x, batch_size, codes)
-        dense = x.toarray() if sp.issparse(x) else np.asarray(x)
-        return out[:, :latent_dim], dense, out[:, latent_dim:]
+        return out[:, :latent_dim], dense(x), out[:, latent_dim:]
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write weights and JSON metadata to `directory` atomically; return the directory.

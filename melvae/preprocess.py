@@ -9,6 +9,7 @@ dense copy and no whole-matrix temporary beyond the input itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from melvae.data.backed import DiskMatrix, cells_matrix
 from melvae.data.loader import row_chunks
 from melvae.errors import InputError
 
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 Transform = Literal["minmax", "log1p", "counts"]
 TRANSFORMS: tuple[str, ...] = ("minmax", "log1p", "counts")
-Matrix = np.ndarray | sp.csr_matrix
+Matrix = np.ndarray | sp.csr_matrix | DiskMatrix
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class Preprocessor:
                 where="Preprocessor.transform_matrix",
                 fix="align the genes first with melvae.preprocess.align_genes",
             )
+        if isinstance(X, DiskMatrix):  # applied to each block of rows as it is read
+            return X.then(self.transform_matrix)
         if self.transform == "counts":
             return _as_float32(X)
         if self.transform == "log1p":
@@ -226,7 +230,7 @@ def fit_preprocessor(train: ad.AnnData, config: PreprocessConfig) -> Preprocesso
             fix="pass the training split with at least one cell and gene",
         )
     _require_unique_genes(train, where=where)
-    X = train.X
+    X = cells_matrix(train)
     genes = np.asarray(train.var_names, dtype=object)
     stats = column_stats(X)
     expressed = stats.nonzero > 0
@@ -381,13 +385,24 @@ def align_genes(
             fix="use the same gene identifiers as the training data (gene symbols, same case), "
             "or train a model on these genes",
         )
-    X = adata.X
-    if n_found == len(genes):  # no gene missing: the columns as they are, or picked by position
-        identical = np.array_equal(position, np.arange(adata.n_vars))
-        return _as_float32(X if identical else X[:, position]), 0
+    X = cells_matrix(adata)
+    if np.array_equal(position, np.arange(adata.n_vars)):
+        return (X if isinstance(X, DiskMatrix) else _as_float32(X)), 0
+    if isinstance(X, DiskMatrix):  # picked from each block of rows as it is read
+        return X.then(functools.partial(_pick_genes, position=position), n_cols=len(genes)), (
+            len(genes) - n_found
+        )
+    return _pick_genes(X, position), len(genes) - n_found
+
+
+def _pick_genes(X: np.ndarray | sp.spmatrix, position: np.ndarray) -> np.ndarray | sp.csr_matrix:
+    """Columns `position` of `X` as float32 (sparse stays sparse); -1 gives a column of zeros."""
+    found = position >= 0
+    if found.all():
+        return _as_float32(X[:, position])
     selector = sp.csr_matrix(
-        (np.ones(n_found, dtype=np.float32), (position[found], np.flatnonzero(found))),
-        shape=(adata.n_vars, len(genes)),
+        (np.ones(int(found.sum()), dtype=np.float32), (position[found], np.flatnonzero(found))),
+        shape=(X.shape[1], len(position)),
     )
     aligned = sp.csr_matrix(X @ selector) if sp.issparse(X) else np.asarray(X @ selector)
-    return _as_float32(aligned), len(genes) - n_found
+    return _as_float32(aligned)

@@ -96,13 +96,12 @@ def pinned_requirements() -> list[str]:
 
 def example_cells(model: MelVAE, cells: ad.AnnData, n: int = 3) -> pd.DataFrame:
     """The first `n` cells in the model's genes and raw units: the logged input example."""
+    from melvae.data.backed import subset
+    from melvae.data.loader import dense
     from melvae.preprocess import align_genes
 
-    matrix, _ = align_genes(cells[:n], model.genes)
-    dense = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-    return pd.DataFrame(
-        dense.astype(np.float32), index=cells.obs_names[:n].astype(str), columns=model.genes
-    )
+    matrix, _ = align_genes(subset(cells, slice(0, n)), model.genes)
+    return pd.DataFrame(dense(matrix), index=cells.obs_names[:n].astype(str), columns=model.genes)
 
 
 def log_trial_model(model: MelVAE, example: ad.AnnData) -> str:

@@ -1,7 +1,8 @@
 """Training loop: Adam, KL warm-up, early stopping on validation loss, per-epoch callback.
 
 Batches are cut from the (possibly sparse CSR) matrix on the fly, so only one batch is ever dense
-(a sparse matrix small enough is made dense once, `melvae.data.loader.densified`).
+(a sparse matrix small enough is made dense once, `melvae.data.loader.densified`); cells of a
+backed file stay on disk and are read a window at a time (`melvae.data.backed`).
 Runs are deterministic for a seed: shuffling and the reparameterisation noise come from private
 generators seeded from `TrainConfig.seed`; dropout's draws from torch's global generator are
 seeded from it too, and the caller's global generator state is restored afterwards.
@@ -34,7 +35,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from melvae.data.loader import coded_batches, densified
+from melvae.data.loader import Matrix, coded_batches, densified, epoch_order
 from melvae.device import DEVICES, resolve_device
 from melvae.errors import InputError
 from melvae.fused import Plan, loss_sums, plan_of, train_step
@@ -241,7 +242,7 @@ class NonFiniteLossError(RuntimeError):
 
 def evaluate_loss(
     module: VAEModule,
-    x: np.ndarray | sp.spmatrix,
+    x: Matrix,
     *,
     kl_weight: float = 1.0,
     seed: int = 0,
@@ -268,7 +269,7 @@ def evaluate_loss(
 def _loss_per_cell(
     module: VAEModule,
     plan: Plan | None,
-    x: np.ndarray | sp.spmatrix,
+    x: Matrix,
     *,
     kl_weight: float,
     seed: int,
@@ -330,8 +331,8 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def train_vae(
     module: VAEModule,
-    train_x: np.ndarray | sp.spmatrix,
-    val_x: np.ndarray | sp.spmatrix,
+    train_x: Matrix,
+    val_x: Matrix,
     config: TrainConfig,
     *,
     on_epoch: EpochCallback | None = None,
@@ -491,7 +492,7 @@ def _train_epoch(
     module: VAEModule,
     plan: Plan | None,
     optimizer: FusedAdam,
-    x: np.ndarray | sp.csr_matrix,
+    x: Matrix,
     config: TrainConfig,
     epoch: int,
     order_rng: np.random.Generator,
@@ -509,7 +510,7 @@ def _train_epoch(
     module.train()
     device = _device_of(module)
     sums = _Sums()
-    order = order_rng.permutation(x.shape[0])
+    order = epoch_order(x, order_rng)
     for xb, bb in coded_batches(x, codes, config.batch_size, order=order, device=device):
         if plan is None:
             parts = module.loss(xb, kl_weight, generator=noise, batch=bb)
@@ -525,9 +526,7 @@ def _train_epoch(
     return result
 
 
-def _checked(
-    module: VAEModule, x: np.ndarray | sp.spmatrix, name: str
-) -> np.ndarray | sp.csr_matrix:
+def _checked(module: VAEModule, x: Matrix | sp.spmatrix, name: str) -> Matrix:
     """`x` as CSR (if sparse) after checking it is non-empty and has the module's gene count."""
     n_genes = module.encoder[0].in_features
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != n_genes:

@@ -121,6 +121,7 @@ def tune(
     label_key: str | None = None,
     batch_key: str | None = None,
     name: str = "anndata",
+    backed: bool = False,
     progress: bool = True,
     heartbeat: int = HEARTBEAT_SECONDS,
 ) -> TuneResult:
@@ -163,6 +164,11 @@ def tune(
     name
         The dataset key of an in-memory AnnData: the study and registered model are named
         after it (`<study>-<name>`, `melvae-<name>`).
+    backed
+        Leave the X of an .h5ad file given by path on disk (anndata's backed mode): cells are
+        read a window at a time to train, encode and score (`melvae.data.backed`), for files
+        larger than memory. An AnnData opened backed (`anndata.read_h5ad(path, backed="r")`)
+        streams without it.
     progress
         Show progress bars.
     heartbeat
@@ -215,7 +221,7 @@ def tune(
         ) as crew,
     ):
         stop_point("workers started")  # tests: the caller dies before the job exists
-        prepared = _prepared(data, config, label_key=label_key, name=name)
+        prepared = _prepared(data, config, label_key=label_key, name=name, backed=backed)
         plan = plan_workers(workers, config, prepared, budget, threads=threads)
         print(f"melvae: {plan.describe()}", file=sys.stderr, flush=True)
         if plan.workers > 1:
@@ -351,7 +357,7 @@ def run_worker(job: Path, *, threads: int) -> None:
 
 
 def _prepared(
-    data: DataLike, config: StudyConfig, *, label_key: str | None, name: str
+    data: DataLike, config: StudyConfig, *, label_key: str | None, name: str, backed: bool
 ) -> PreparedData:
     """read -> validate -> split -> preprocess, once, whatever form the data came in."""
     if isinstance(data, PreparedData):
@@ -369,10 +375,17 @@ def _prepared(
             name,
             data,
             label_key or config.label_key,
-            f"in-memory AnnData ({data.n_obs} cells x {data.n_vars} genes)",
+            f"{'backed' if data.isbacked else 'in-memory'} AnnData "
+            f"({data.n_obs} cells x {data.n_vars} genes)",
         )
         return prepare_data(config, dataset=dataset)
-    return prepare_data(config, data_path=None if data is None else Path(data))
+    if backed and data is None:
+        raise InputError(
+            "backed=True streams an .h5ad file, but no file was given",
+            where="melvae.tune(data=None, backed=True)",
+            fix="pass the path of an .h5ad file as data, or drop backed",
+        )
+    return prepare_data(config, data_path=None if data is None else Path(data), backed=backed)
 
 
 def _check_count(value: object, name: str, other: str) -> None:

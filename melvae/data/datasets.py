@@ -132,7 +132,7 @@ CATALOGUE: dict[str, _Entry] = {
 _FILE_SUFFIXES = (".h5ad", ".csv", ".csv.gz")
 
 
-def _load_file(path: Path) -> Dataset:
+def _load_file(path: Path, *, backed: bool = False) -> Dataset:
     suffix = next((s for s in _FILE_SUFFIXES if path.name.endswith(s)), None)
     if suffix is None:
         raise InputError(
@@ -142,8 +142,15 @@ def _load_file(path: Path) -> Dataset:
             f"{', '.join(CATALOGUE)}.",
         )
     key = path.name[: -len(suffix)]
+    if backed and suffix != ".h5ad":
+        raise InputError(
+            f"backed reading streams an .h5ad file, not {path.name}",
+            where=str(path),
+            fix="Convert the table to .h5ad (melvae.data.read.read_csv_table, then "
+            "write_h5ad) to stream it, or drop backed.",
+        )
     if suffix == ".h5ad":
-        adata = read_h5ad(path)
+        adata = read_h5ad(path, backed=backed)
         label_key = "cell_type" if "cell_type" in adata.obs else None
     else:
         adata = read_csv_table(path)
@@ -172,21 +179,30 @@ def load_recorded_file(record: dict[str, str], *, where: str, fix: str) -> Datas
     return _load_file(path)
 
 
-def load_dataset(key: str, *, base_url: str | None = None, data_dir: Path | None = None) -> Dataset:
+def load_dataset(
+    key: str, *, base_url: str | None = None, data_dir: Path | None = None, backed: bool = False
+) -> Dataset:
     """Load a named dataset (downloading it on first use) or an .h5ad/.csv file given by path.
 
     ``base_url`` (or ``$MELVAE_GEO_URL``) replaces GEO with a folder URL holding the same files;
-    ``data_dir`` (default :func:`cache_dir`) is where downloads and parsed copies are kept.
+    ``data_dir`` (default :func:`cache_dir`) is where downloads and parsed copies are kept;
+    ``backed`` leaves an .h5ad file's X on disk (`read.read_h5ad`).
     """
     entry = CATALOGUE.get(key)
     if entry is None:
         path = Path(key)
         if path.exists() or key.endswith(_FILE_SUFFIXES) or os.sep in key:
-            return _load_file(path)
+            return _load_file(path, backed=backed)
         raise InputError(
             f"unknown dataset {key!r}",
             where="dataset name",
             fix=f"Use one of {', '.join(CATALOGUE)}, or the path of an .h5ad or .csv file.",
+        )
+    if backed:
+        raise InputError(
+            f"backed reading streams an .h5ad file, and {key!r} is a named dataset",
+            where="dataset name",
+            fix="Give the path of an .h5ad file to stream, or drop backed for a named dataset.",
         )
     adata = entry.load(Path(data_dir) if data_dir is not None else cache_dir(), base_url)
     return Dataset(key, adata, entry.label_key, entry.description, entry.batch_key)

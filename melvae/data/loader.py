@@ -17,7 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-Matrix = np.ndarray | sp.csr_matrix
+from melvae.data.backed import DiskMatrix, block_order
+
+Matrix = np.ndarray | sp.csr_matrix | DiskMatrix
 # A sparse matrix of at most this many bytes dense is made dense once (`densified`): the
 # original study's 1,933 training cells x 17,994 genes are 139 MB.
 DENSE_LIMIT = 256 * 2**20
@@ -51,6 +53,32 @@ def dense_rows(x: Matrix, rows: np.ndarray | slice) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
 
 
+def dense(x: Matrix) -> np.ndarray:
+    """All of `x` as a dense float32 array (for the bounded sets of cells metrics score); a
+    matrix on disk is read a window at a time, so only its picked genes are ever held whole."""
+    if not isinstance(x, DiskMatrix):
+        return dense_rows(x, slice(None)).numpy()
+    windows = row_chunks(x, chunk_size=x.window_rows())
+    parts = [dense_rows(part, slice(None)).numpy() for part in windows]
+    return np.concatenate(parts) if parts else np.zeros(x.shape, dtype=np.float32)
+
+
+def row_sums(x: Matrix) -> np.ndarray:
+    """Each row's sum (float64), read in row chunks."""
+    return np.concatenate(
+        [np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel() for chunk in row_chunks(x)]
+        or [np.zeros(0)]
+    )
+
+
+def epoch_order(x: Matrix, rng: np.random.Generator) -> np.ndarray:
+    """The order a training epoch visits the rows of `x` in: a random permutation, or for a
+    matrix on disk a block-shuffled one that reads in long runs (`backed.block_order`)."""
+    if isinstance(x, DiskMatrix):
+        return block_order(x.shape[0], x.window_rows(), rng)
+    return rng.permutation(x.shape[0])
+
+
 def batches(
     x: Matrix,
     batch_size: int,
@@ -61,20 +89,37 @@ def batches(
     """Yield dense float32 batches of `batch_size` rows of `x` (in `order` if given) on `device`.
 
     For a CUDA device each batch is pinned and copied asynchronously, so the next batch is cut
-    on the CPU while the GPU still works on the previous one.
+    on the CPU while the GPU still works on the previous one. Of a matrix on disk a window of
+    many batches' rows is read at once (`DiskMatrix.window_rows`), and batches cut from it.
     """
     cuda = device is not None and device.type == "cuda"
-    n = x.shape[0]
-    for start in range(0, n, batch_size):
-        rows = (
-            slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-        )
-        batch = dense_rows(x, rows)
-        if cuda:
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        elif device is not None and device.type != "cpu":
-            batch = batch.to(device)
-        yield batch
+    for part, part_order in _windows(x, batch_size, order):
+        for start in range(0, part.shape[0], batch_size):
+            rows = (
+                slice(start, start + batch_size)
+                if part_order is None
+                else part_order[start : start + batch_size]
+            )
+            batch = dense_rows(part, rows)
+            if cuda:
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            elif device is not None and device.type != "cpu":
+                batch = batch.to(device)
+            yield batch
+
+
+def _windows(
+    x: Matrix, batch_size: int, order: np.ndarray | None
+) -> Iterator[tuple[np.ndarray | sp.csr_matrix | DiskMatrix, np.ndarray | None]]:
+    """(matrix, order of its rows) to cut batches from: `x` and `order` themselves in memory;
+    of a matrix on disk, windows of whole batches read in the order's order (order None)."""
+    if not isinstance(x, DiskMatrix):
+        yield x, order
+        return
+    window = max(1, x.window_rows() // batch_size) * batch_size
+    for start in range(0, x.shape[0], window):
+        rows = slice(start, start + window) if order is None else order[start : start + window]
+        yield x[rows], None
 
 
 def coded_batches(

@@ -271,11 +271,24 @@ def _read_gene_rows(
 # ---------------------------------------------------------------- public readers
 
 
-def read_h5ad(path: str | Path, *, use_raw: bool = False, layer: str | None = None) -> ad.AnnData:
-    """Read an .h5ad file; ``use_raw``/``layer`` pick which matrix becomes X (float32)."""
+def read_h5ad(
+    path: str | Path, *, use_raw: bool = False, layer: str | None = None, backed: bool = False
+) -> ad.AnnData:
+    """Read an .h5ad file; ``use_raw``/``layer`` pick which matrix becomes X (float32).
+
+    ``backed`` leaves X in the file (anndata's backed mode, read-only): training, encoding and
+    scoring then read the cells a window at a time (`melvae.data.backed`), for files larger
+    than memory. Only X itself streams; ``use_raw`` and ``layer`` need it read into memory.
+    """
     path = _existing_file(path)
+    if backed and (use_raw or layer is not None):
+        raise InputError(
+            "a backed file streams its X only, not its .raw matrix or a layer",
+            where=str(path),
+            fix="Read the file into memory (drop backed), or write the matrix you want as X.",
+        )
     try:
-        adata = ad.read_h5ad(path)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # h5py and anndata raise many types for a damaged file
         raise InputError(
             f"cannot read {path.name} as an .h5ad file: {err}",
@@ -305,6 +318,9 @@ def read_h5ad(path: str | Path, *, use_raw: bool = False, layer: str | None = No
                 fix="Name one of the existing layers, or leave layer unset to use X.",
             )
         adata.X = adata.layers[layer]
+    if backed:  # blocks are read as float32 as they are cut (`backed.DiskMatrix`)
+        logger.info("opened %s backed: %d cells × %d genes", path.name, adata.n_obs, adata.n_vars)
+        return adata
     try:
         adata.X = _float32_matrix(adata.X, keep_sparse=True)
     except (TypeError, ValueError) as err:

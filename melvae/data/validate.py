@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from melvae.data.backed import DiskMatrix, cells_matrix
+from melvae.data.loader import row_chunks
 from melvae.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -23,8 +25,17 @@ def _first_offending(
     """Count entries where ``is_bad`` holds and locate the first one (row, column, value).
 
     Sparse matrices are checked on their stored values only (implicit zeros are never bad);
-    dense ones block by block, so no full-size boolean copy is made.
+    dense ones block by block, so no full-size boolean copy is made; a matrix on disk is read
+    in row chunks, each checked as in memory.
     """
+    if isinstance(x, DiskMatrix):
+        count, first, offset = 0, None, 0
+        for chunk in row_chunks(x, chunk_size=x.window_rows()):
+            n, found = _first_offending(chunk, is_bad)
+            if found is not None and first is None:
+                first = (offset + found[0], found[1], found[2])
+            count, offset = count + n, offset + chunk.shape[0]
+        return count, first
     if sp.issparse(x):
         x = sp.csr_matrix(x)
         bad = is_bad(x.data)
@@ -76,9 +87,10 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
             fix="Check that the file holds the expression matrix; a CSV needs a header row "
             "naming the genes and one row per cell.",
         )
-    if not (np.issubdtype(adata.X.dtype, np.number) or adata.X.dtype == bool):
+    matrix = cells_matrix(adata)
+    if not (np.issubdtype(matrix.dtype, np.number) or matrix.dtype == bool):
         raise InputError(
-            f"the expression matrix has non-numeric type {adata.X.dtype}",
+            f"the expression matrix has non-numeric type {matrix.dtype}",
             where=source,
             fix="Store numeric expression values in X.",
         )
@@ -97,7 +109,7 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
         "adata.obs_names_make_unique()) and save the file again; repeated names would let "
         "one cell's row stand for another's in the splits.",
     )
-    count, first = _first_offending(adata.X, lambda v: ~np.isfinite(v))
+    count, first = _first_offending(matrix, lambda v: ~np.isfinite(v))
     if first is not None:
         row, col, value = first
         raise InputError(
@@ -108,7 +120,7 @@ def validate_expression(adata: ad.AnnData, *, source: str, require_nonnegative: 
             "affected cells or genes, then run again.",
         )
     if require_nonnegative:
-        count, first = _first_offending(adata.X, lambda v: v < 0)
+        count, first = _first_offending(matrix, lambda v: v < 0)
         if first is not None:
             row, col, value = first
             raise InputError(
@@ -198,12 +210,12 @@ def warn_outside_training_range(
     present = columns >= 0
     if not present.any() or adata.n_obs == 0:
         return 0.0
-    x = adata.X[:, columns[present]]
+    x, picked = cells_matrix(adata), columns[present]
     low, high = np.asarray(low)[present], np.asarray(high)[present]
     span = np.maximum(high - low, np.finfo(np.float64).tiny)
     clipped = far = 0
     for start in range(0, adata.n_obs, _ROWS_PER_BLOCK):
-        block = x[start : start + _ROWS_PER_BLOCK]
+        block = x[start : start + _ROWS_PER_BLOCK][:, picked]
         block = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=np.float64)
         clipped += int(np.count_nonzero((block < low) | (block > high)))
         beyond = np.maximum(low - block, block - high) / span

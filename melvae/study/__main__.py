@@ -42,6 +42,11 @@ from melvae.study.storage import (
 )
 from melvae.tuning import TuneResult, run_worker, tune
 
+BACKED_HELP = (
+    "leave the .h5ad file's X on disk and read cells a window at a time (files larger than "
+    "memory; a training epoch visits them in a block-shuffled order)"
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Before torch starts its intra-op threads, which inherit it: training flushes subnormal
@@ -80,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive(float), help="stop starting trials after S s")
     run.add_argument("--epochs", type=_positive(int), help="cap every trial's epochs (quick runs)")
     run.add_argument("--data", type=Path, help="train on this .h5ad/.csv instead")
+    run.add_argument("--backed", action="store_true", help=BACKED_HELP)
     run.add_argument(
         "--batch-key",
         help="obs column naming each cell's batch (patient, sample): condition the model on it "
@@ -120,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         "create", _create, "create the study and experiment once, before parallel workers start"
     )
     create.add_argument("--data", type=Path, help="the .h5ad/.csv the workers will use")
+    create.add_argument("--backed", action="store_true", help=BACKED_HELP)
     create.add_argument("--batch-key", help="the batch column the workers will use")
     for name, handler, text in (
         ("best", _best, "print the best trial and its MLflow run"),
@@ -175,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         workers=args.workers,
         batch_key=args.batch_key,
+        backed=args.backed,
         progress=not args.quiet,
         heartbeat=args.heartbeat,
     )
@@ -219,7 +227,7 @@ def _create(args: argparse.Namespace) -> int:
     config = _with_batch_key(load_study_config(args.study), args.batch_key)
     check_storage_url(args.storage)
     check_tracking_uri(track.resolve_tracking_uri(args.tracking_uri))
-    data = prepare_data(config, data_path=args.data)
+    data = prepare_data(config, data_path=args.data, backed=args.backed)
     study = create_study(config, data.dataset_key, args.storage)
     uri, experiment_id = create_experiment(study.study_name, args.tracking_uri)
     shown = redact_url(args.storage)

@@ -37,12 +37,13 @@ import scanpy as sc
 from sklearn.decomposition import PCA
 
 from melvae import track
+from melvae.data.loader import dense
 from melvae.errors import InputError
 from melvae.faultpoint import stop_point
 from melvae.preprocess import Preprocessor, align_genes
 from melvae.register import load_model
 from melvae.study.config import StudyConfig
-from melvae.study.objective import EPOCHS_ATTR, PreparedData, fit_with_params
+from melvae.study.objective import EPOCHS_ATTR, SPLITS, PreparedData, fit_with_params
 from melvae.study.scoring import Embedding, SplitScores, metric_cells
 
 PCA_SIZES = (10,)  # besides the champion's own latent size
@@ -53,7 +54,7 @@ def _prepared(preprocessor: Preprocessor, adata: ad.AnnData) -> np.ndarray:
     """The cells' preprocessed matrix, dense float64, in the training genes' order."""
     matrix, _ = align_genes(adata, preprocessor.genes)
     x = preprocessor.transform_matrix(matrix)
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    return dense(x).astype(np.float64)
 
 
 class PCAEmbedding:
@@ -217,7 +218,7 @@ def build(
         cells, _ = metric_cells(data, "train")
         return PCAEmbedding(data.preprocessor, cells, int(params["n_components"]))
     if method in BATCH_CORRECTIONS:
-        splits = [metric_cells(data, split)[0] for split in ("train", "val", "test")]
+        splits = [metric_cells(data, split)[0] for split in SPLITS]
         training = np.arange(sum(cells.n_obs for cells in splits)) < splits[0].n_obs
         return BatchCorrectedEmbedding(
             data.preprocessor,

@@ -13,6 +13,7 @@ import optuna
 
 from melvae import track
 from melvae.adversary import adversary_metrics
+from melvae.data.backed import reopenable, reopened
 from melvae.device import resolve_device
 from melvae.model import MelVAE
 from melvae.params import select
@@ -29,6 +30,7 @@ from melvae.train import EpochCallback, NonFiniteLossError
 
 # The epoch budget a trial trained with (after `run --epochs`), so baselines can reuse it.
 EPOCHS_ATTR = "epochs_budget"
+SPLITS = ("train", "val", "test")  # PreparedData's splits of the cells
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ class PreparedData:
     # The file the cells were read from (`datasets.file_record`: path and sha256), so a model
     # can name it in its origin; None for a named dataset or an in-memory AnnData.
     source_file: dict[str, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker process gets (`workers.Job`): splits of a backed file travel as the
+        file's name and their rows, reopened there (an open HDF5 file does not pickle)."""
+        return {**self.__dict__, **{s: reopenable(getattr(self, s)) for s in SPLITS}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        opened: dict[str, ad.AnnData] = {}
+        self.__dict__.update({**state, **{s: reopened(state[s], opened) for s in SPLITS}})
 
     def preprocessor_for(self, transform: str) -> Preprocessor:
         """The training-split preprocessing for `transform`."""

@@ -15,6 +15,7 @@ import optuna
 import pandas as pd
 
 from melvae import track
+from melvae.data.backed import subset
 from melvae.data.datasets import Dataset, file_record, load_dataset, load_with_fallback
 from melvae.data.validate import (
     validate_batches,
@@ -32,7 +33,7 @@ from melvae.study.baselines import comparison_table, margins_over_best, run_base
 from melvae.study.config import OBJECTIVE_METRICS, StudyConfig
 from melvae.study.fresh_tables import create_mlflow_tables
 from melvae.study.identity import check_identity, stored_selection
-from melvae.study.objective import Objective, PreparedData, study_params
+from melvae.study.objective import SPLITS, Objective, PreparedData, study_params
 from melvae.study.progress import trial_progress
 from melvae.study.pruning import CURVE_ATTR, epoch_pruner
 from melvae.study.recovery import end_runs_of_dead_workers, requeue_when_stopped, worker_id
@@ -66,12 +67,14 @@ def prepare_data(
     data_path: Path | None = None,
     base_url: str | None = None,
     dataset: Dataset | None = None,
+    backed: bool = False,
 ) -> PreparedData:
     """read → validate → split → fit preprocessing on the training split only; data too small
-    for the study's models are refused (`check_data_fits`)."""
+    for the study's models are refused (`check_data_fits`). `backed`: leave the X of the .h5ad
+    file at `data_path` on disk (`melvae.data.backed`)."""
     fallback_reason = None
     if dataset is None and data_path is not None:
-        dataset = load_dataset(str(data_path))
+        dataset = load_dataset(str(data_path), backed=backed)
     elif dataset is None:
         dataset, fallback_reason = load_with_fallback(
             config.dataset, config.fallback, base_url=base_url
@@ -94,7 +97,7 @@ def prepare_data(
     # Views, not copies: each split is an index into the one matrix read from disk, and its
     # rows are only materialised where a step reads them (one split at a time).
     if label_key is not None and adata.obs[label_key].isna().any():
-        adata = adata[adata.obs[label_key].notna().to_numpy()]
+        adata = subset(adata, adata.obs[label_key].notna().to_numpy())
     batch_key = validate_batches(
         adata, config.batch_key, source=source, label_key=label_key, known=dataset.batch_key
     )
@@ -106,7 +109,7 @@ def prepare_data(
         test_fraction=p.test_fraction,
         seed=p.seed,
     )
-    train = adata[splits["train"]]
+    train = subset(adata, splits["train"])
     others = config.transforms() - {p.transform}
     data = PreparedData(
         dataset_key=dataset.key,
@@ -114,16 +117,15 @@ def prepare_data(
         fallback_reason=fallback_reason,
         label_key=label_key,
         train=train,
-        val=adata[splits["val"]],
-        test=adata[splits["test"]],
+        val=subset(adata, splits["val"]),
+        test=subset(adata, splits["test"]),
         preprocessor=fit_preprocessor(train, config.preprocess),
         preprocessors={t: fit_preprocessor(train, config.preprocess_for(t)) for t in others},
         batch_key=batch_key,
         source_file=file_record(dataset.path) if dataset.path is not None else None,
     )
     if batch_key is not None:
-        split_names = ("train", "val", "test")
-        validate_split_batches({s: data.batches(s) for s in split_names}, source=source)
+        validate_split_batches({s: data.batches(s) for s in SPLITS}, source=source)
     check_data_fits(config, data)
     return data
 
@@ -435,6 +437,7 @@ def _data_params(config: StudyConfig, data: PreparedData, storage: str) -> dict[
         "n_test": data.test.n_obs,
         "n_genes_input": data.train.n_vars,
         "n_genes_model": len(data.preprocessor.genes),
+        "backed": data.train.isbacked,
         "optuna_storage": redact_url(storage),
         **study_params(config),
     }

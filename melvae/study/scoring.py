@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import anndata as ad
 import numpy as np
 
+from melvae.data.backed import subset
 from melvae.evaluate import batch_correction, bio_conservation, evaluate_latent
 from melvae.subsample import stratified_subsample
 
@@ -61,7 +62,7 @@ def metric_cells(data: PreparedData, split: str) -> tuple[ad.AnnData, np.ndarray
     keep = _metric_index(data, split)
     if keep is None:
         return cells, labels
-    return cells[keep], None if labels is None else labels[keep]
+    return subset(cells, keep), None if labels is None else labels[keep]
 
 
 def metric_batches(data: PreparedData, split: str) -> np.ndarray | None:
