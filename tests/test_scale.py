@@ -4,7 +4,6 @@ metrics run on a bounded stratified subsample, batches are cut correctly."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import anndata as ad
 import numpy as np
@@ -17,12 +16,12 @@ from melvae.preprocess import Preprocessor, align_genes, column_stats
 from melvae.study.objective import PreparedData
 from melvae.study.scoring import EVAL_MAX_CELLS, metric_cells
 from melvae.subsample import stratified_subsample
+from tests.memory_cap import run_capped
 
-# A child process that caps its own address space at what it uses after the imports plus
-# HEADROOM_MB, then works on a 100,000 × 2,000 sparse matrix (0.5 % non-zero, ~12 MB) whose
-# dense float32 form (800 MB) cannot fit under the cap.
-_LIMITED = r"""
-import re, resource, sys
+# A child process builds a 100,000 × 2,000 sparse matrix (0.5 % non-zero, ~12 MB), caps its own
+# address space at what it then uses plus HEADROOM_MB and works on it; the matrix's dense
+# float32 form (800 MB) cannot fit under the cap.
+_SETUP = """
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd, torch
 from melvae.model import MelVAE
 from melvae.preprocess import PreprocessConfig
@@ -36,11 +35,6 @@ X.data = np.ceil(X.data * 10)
 labels = pd.Categorical(rng.choice(["a", "b", "c"], 100_000, p=[0.6, 0.3, 0.1]))
 adata = ad.AnnData(X, obs=pd.DataFrame({"cell_type": labels}, index=map(str, range(100_000))))
 adata.var_names = [f"g{i}" for i in range(2_000)]
-vm = int(re.search(r"VmSize:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-limit = vm + HEADROOM_MB * 2**20
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-WORK
-print("done")
 """
 
 _PIPELINE = """
@@ -61,10 +55,7 @@ HEADROOM_MB = 600
 
 
 def _run_limited(work: str) -> subprocess.CompletedProcess:
-    script = _LIMITED.replace("HEADROOM_MB", str(HEADROOM_MB)).replace("WORK", work)
-    return subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
-    )
+    return run_capped(_SETUP, work, headroom_mb=HEADROOM_MB)
 
 
 @pytest.mark.slow
