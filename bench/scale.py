@@ -5,13 +5,15 @@ unequal shares) written to an .h5ad in chunks, so the generator itself stays sma
 `python -m melvae.study run --data FILE --n-trials 1 --epochs 1` in its own subprocess with fresh
 Optuna/MLflow stores; peak memory is the child's maximum resident set size as the kernel
 accounts it (`os.wait4`), seconds per epoch is the trial's `epoch_seconds` metric (training +
-validation pass) read back from MLflow.
+validation pass) read back from MLflow. Each file is run twice, read into memory and with
+`--backed` (X left on disk, read a window at a time: `melvae.data.backed`), and the table puts
+the two side by side with their ratios.
 
 Baseline on main (a365491, same machine): 100 k cells 2.25 GB, 300 k 5.0 GB, 1 M 14.1 GB
 (5 min 16 s).
 
     python bench/scale.py [--cells 100000 300000 1000000] [--dir /tmp/melvae-scale] [--keep]
-                          [--threads 1]
+                          [--threads 1] [--modes memory backed]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 GENES, DENSITY, CELL_TYPES, CHUNK = 2000, 0.08, 8, 20_000
+MODES = ("memory", "backed")
 
 
 def write_atlas(path: Path, n_cells: int, seed: int = 0) -> None:
@@ -68,16 +71,16 @@ def write_atlas(path: Path, n_cells: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def run_once(data: Path, threads: int) -> dict[str, float]:
+def run_once(data: Path, threads: int, backed: bool) -> dict[str, float]:
     """Seconds per epoch (wall and CPU), wall and CPU seconds of the whole run, and peak resident
-    GB of one `run --data` subprocess."""
+    GB of one `run --data` subprocess (`--backed` if `backed`)."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="melvae-scale-run-") as work:
         tracking = f"sqlite:///{work}/mlflow.db"
         command = [sys.executable, "-m", "melvae.study", "run", "--data", str(data)]
         command += ["--n-trials", "1", "--epochs", "1", "--quiet", "--device", "cpu"]
-        command += ["--threads", str(threads)]
+        command += ["--threads", str(threads), *(["--backed"] if backed else [])]
         command += ["--storage", f"sqlite:///{work}/optuna.db", "--tracking-uri", tracking]
         started = time.perf_counter()
         child = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL)
@@ -111,6 +114,9 @@ def main() -> None:
         help="torch threads of each run (1: on a shared machine two threads of a small model "
         "spin against other jobs and an epoch gets many times slower)",
     )
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="how runs read the file"
+    )
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -119,9 +125,10 @@ def main() -> None:
             path = args.dir / f"cells-{n_cells}.h5ad"
             if not path.exists():
                 write_atlas(path, n_cells)
-            result = run_once(path, args.threads)
-            rows.append((n_cells, path.stat().st_size / 1e9, result))
-            print(f"{n_cells} cells: {result}", flush=True)
+            for mode in args.modes:
+                result = run_once(path, args.threads, backed=mode == "backed")
+                rows.append((n_cells, mode, path.stat().st_size / 1e9, result))
+                print(f"{n_cells} cells, {mode}: {result}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
@@ -133,14 +140,24 @@ def main() -> None:
         "epoch: wall and process-CPU seconds of the trial's one epoch (training + validation); "
         "run: the whole subprocess (read, preprocess, train, evaluate, log, register)"
     )
-    header = ("cells", "file GB", "epoch wall s", "epoch CPU s", "CPU s/100k cells")
+    header = ("cells", "X", "file GB", "epoch wall s", "epoch CPU s", "CPU s/100k cells")
     header += ("run wall s", "run CPU s", "peak GB")
     print("".join(f"{h:>17s}" for h in header))
-    for n_cells, size, r in rows:
-        values = (f"{n_cells:,}", f"{size:.2f}", f"{r['epoch']:.1f}", f"{r['epoch_cpu']:.1f}")
+    for n_cells, mode, size, r in rows:
+        values = (f"{n_cells:,}", mode, f"{size:.2f}", f"{r['epoch']:.1f}", f"{r['epoch_cpu']:.1f}")
         values += (f"{r['epoch_cpu'] / n_cells * 1e5:.1f}", f"{r['wall']:.0f}", f"{r['cpu']:.0f}")
         values += (f"{r['peak']:.2f}",)
         print("".join(f"{v:>17s}" for v in values))
+    results = {(n_cells, mode): r for n_cells, mode, _, r in rows}
+    both = [n for n in args.cells if all((n, m) in results for m in MODES)]
+    if both:
+        print("\nbacked / memory, same file")
+        header = ("cells", "epoch wall", "run wall", "peak")
+        print("".join(f"{h:>17s}" for h in header))
+        for n_cells in both:
+            disk, memory = results[n_cells, "backed"], results[n_cells, "memory"]
+            ratios = (disk[key] / memory[key] for key in ("epoch", "wall", "peak"))
+            print(f"{n_cells:>17,}" + "".join(f"{r:>17.2f}" for r in ratios))
 
 
 if __name__ == "__main__":
